@@ -1,0 +1,98 @@
+"""Few-shot segmenter = backbone (``layer0..layer4``) + head, with a support cache.
+
+The split follows segment-anything's predictor: supports are encoded once
+(:meth:`FewShotSegmenter.encode_supports`), then any number of queries are segmented against the
+cache (:meth:`FewShotSegmenter.segment`). ``forward`` does both, as the official FSS models do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone
+
+SupportCache = dict[str, Any]
+"""What a head keeps from the supports (tensors with batch ``B`` first), opaque to callers."""
+
+
+class FewShotHead(nn.Module):
+    """Interface of every head. Subclasses implement the two methods below.
+
+    Heads read the backbone's stages themselves because some (PFENet, BAM) run ``layer4`` on
+    masked ``layer3`` support features.
+    """
+
+    #: Name used by the registry and checkpoints ("prototype", "baseline", "pfenet", "bam").
+    method: str = ""
+
+    def encode_supports(self, backbone: Backbone, supports: torch.Tensor, masks: torch.Tensor) -> SupportCache:
+        """Encode supports.
+
+        Args:
+            backbone: the shared backbone.
+            supports: ``[B, K, 3, H, W]`` normalised images.
+            masks: ``[B, K, H, W]`` float, 1 = foreground, 0 = background, 255 = ignore.
+        """
+        raise NotImplementedError
+
+    def segment(
+        self, backbone: Backbone, query: torch.Tensor, cache: SupportCache, return_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Segment ``query [B, 3, H, W]`` -> logits ``[B, 2, h, w]`` (background, foreground) at
+        feature resolution or above; with ``return_aux`` also the auxiliary logits used in training."""
+        raise NotImplementedError
+
+
+class FewShotSegmenter(nn.Module):
+    """``backbone`` + ``head``. State-dict keys: ``backbone.layerN.*`` and ``head.*``."""
+
+    def __init__(self, backbone: Backbone, head: FewShotHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def method(self) -> str:
+        return self.head.method
+
+    def encode_supports(self, supports: torch.Tensor, masks: torch.Tensor) -> SupportCache:
+        """``supports [B, K, 3, H, W]``, ``masks [B, K, H, W]`` -> cache for :meth:`segment`."""
+        if supports.dim() != 5 or masks.dim() != 4:
+            raise ValueError(f"supports must be [B,K,3,H,W] and masks [B,K,H,W], got "
+                             f"{tuple(supports.shape)} and {tuple(masks.shape)}")
+        return self.head.encode_supports(self.backbone, supports, masks.float())
+
+    def segment(self, query: torch.Tensor, cache: SupportCache, return_aux: bool = False):
+        """``query [B, 3, H, W]`` -> logits ``[B, 2, H, W]`` upsampled (bilinear) to the query size.
+
+        With ``return_aux`` returns ``(logits, aux_logits)``, the auxiliary logits also upsampled.
+        """
+        out = self.head.segment(self.backbone, query, cache, return_aux=return_aux)
+        logits, aux = out if return_aux else (out, [])
+        size = query.shape[-2:]
+        up = lambda t: t if t.shape[-2:] == size else F.interpolate(t, size, mode="bilinear", align_corners=True)  # noqa: E731
+        return (up(logits), [up(a) for a in aux]) if return_aux else up(logits)
+
+    def forward(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """``query [B,3,H,W]``, ``supports [B,K,3,H,W]``, ``masks [B,K,H,W]`` -> logits ``[B,2,H,W]``."""
+        return self.segment(query, self.encode_supports(supports, masks))
+
+
+def masked_average_pool(feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PFENet's ``Weighted_GAP``: ``feat [N, C, h, w]``, ``mask [N, 1, h, w]`` -> ``[N, C, 1, 1]``."""
+    area = F.avg_pool2d(mask, feat.shape[-2:]) * feat.shape[-2] * feat.shape[-1] + 0.0005
+    return F.avg_pool2d(feat * mask, feat.shape[-2:]) * feat.shape[-2] * feat.shape[-1] / area
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask [N, H, W]`` (1 fg, 0 bg, 255 ignore) -> ``(fg, bg)`` each ``[N, 1, h, w]`` in ``[0, 1]``
+    by bilinear resizing (align_corners as the FSS repos); ignored pixels count as neither."""
+    fg = (mask == 1).float().unsqueeze(1)
+    bg = (mask == 0).float().unsqueeze(1)
+    fg = F.interpolate(fg, size, mode="bilinear", align_corners=True)
+    bg = F.interpolate(bg, size, mode="bilinear", align_corners=True)
+    return fg, bg

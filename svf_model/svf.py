@@ -1,0 +1,407 @@
+"""Singular Value Fine-tuning (SVF) layers.
+
+A conv weight ``W`` of shape ``[Co, Ci, kh, kw]`` is folded to a ``Co x (Ci*kh*kw)`` matrix and
+decomposed with a full-rank SVD ``W = U diag(s) V^T`` (rank ``R = min(Co, Ci*kh*kw)``, never
+rounded). ``U`` and ``V`` are frozen buffers; only the singular values train.
+
+Two parametrisations (SVF paper, appendix D.2):
+
+* ``"direct"``: ``s`` itself is the parameter.
+* ``"exp"``: ``s = s0 * exp(d)`` with ``d`` the parameter, initialised at 0.
+
+Two forward forms, chosen per call:
+
+* ``"three_layer"`` (the official form): ``kxk`` conv with ``V^T`` -> per-channel scale by ``s``
+  -> ``1x1`` conv with ``U`` (+ bias).
+* ``"recompose"``: build ``(U * s) @ V^T`` and run one conv; autograd must then form the full
+  weight gradient.
+
+Whenever no gradient can reach the singular values (``torch.no_grad()``, or frozen), the layer runs
+one conv with a cached recomposed weight, so inference costs what the plain layer costs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # timm's "same" padding conv (TF-ported weights); optional at import time.
+    from timm.layers import Conv2dSame, pad_same
+except ImportError:  # pragma: no cover - timm is a hard requirement of the package
+    Conv2dSame, pad_same = None, None
+
+logger = logging.getLogger(__name__)
+
+Parametrization = Literal["direct", "exp"]
+Form = Literal["three_layer", "recompose"]
+# Measured by benchmarks/svf_forward.py (see README): the three-layer form trains faster than
+# recomposing the weight on both backbones, so it is the default training form.
+DEFAULT_TRAIN_FORM: Form = "three_layer"
+
+
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-rank SVD in float64 with a deterministic sign convention.
+
+    Args:
+        matrix: ``[M, N]``.
+
+    Returns:
+        ``U [M, R]``, ``s [R]`` (descending), ``Vh [R, N]`` with ``R = min(M, N)``, in float64.
+        Each column of ``U`` has its largest-magnitude entry positive (sklearn's ``svd_flip``).
+    """
+    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True))).squeeze(0)
+    signs[signs == 0] = 1.0
+    return u * signs, s, vh * signs[:, None]
+
+
+class _SingularValues(nn.Module):
+    """Holds the trainable singular values of one layer in either parametrisation."""
+
+    def __init__(self, s0: torch.Tensor, parametrization: Parametrization) -> None:
+        super().__init__()
+        if parametrization not in ("direct", "exp"):
+            raise ValueError(f"parametrization must be 'direct' or 'exp', got {parametrization!r}")
+        self.parametrization = parametrization
+        self.register_buffer("s0", s0.clone())
+        if parametrization == "direct":
+            self.s = nn.Parameter(s0.clone())
+        else:
+            self.d = nn.Parameter(torch.zeros_like(s0))
+
+    @property
+    def trainable(self) -> nn.Parameter:
+        """The tensor the optimiser updates (``s`` or ``d``)."""
+        return self.s if self.parametrization == "direct" else self.d
+
+    def forward(self) -> torch.Tensor:
+        """Current singular values ``[R]``."""
+        if self.parametrization == "direct":
+            return self.s
+        return self.s0 * torch.exp(self.d)
+
+
+class SVFLayer(nn.Module):
+    """Common machinery of :class:`SVFConv2d` and :class:`SVFLinear`.
+
+    Buffers: ``U [Co, R]``, ``Vh [R, Ci*kh*kw]``, ``bias [Co]`` (optional, frozen).
+    Parameters: the singular values, in ``self.sv`` (see :class:`_SingularValues`).
+    """
+
+    U: torch.Tensor
+    Vh: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        parametrization: Parametrization,
+        form: Form,
+    ) -> None:
+        super().__init__()
+        matrix = weight.detach().reshape(weight.shape[0], -1)
+        u, s, vh = _svd(matrix)
+        dtype = weight.dtype
+        self.register_buffer("U", u.to(dtype).contiguous())
+        self.register_buffer("Vh", vh.to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.sv = _SingularValues(s.to(dtype), parametrization)
+        self.weight_shape = tuple(weight.shape)
+        self.form: Form = form
+        self._cache_key: tuple | None = None
+        self._cached_weight: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def kind(self) -> str:
+        """``"1x1"``, ``"3x3"`` (any spatial kernel, e.g. ``"7x7"``) or ``"linear"``."""
+        if len(self.weight_shape) == 2:
+            return "linear"
+        return f"{self.weight_shape[2]}x{self.weight_shape[3]}"
+
+    def singular_values(self) -> torch.Tensor:
+        """Current singular values ``[R]``."""
+        return self.sv()
+
+    def recomposed_weight(self) -> torch.Tensor:
+        """``(U * s) @ Vh`` reshaped to the original weight shape (differentiable in ``s``)."""
+        return (self.U * self.sv()) @ self.Vh
+
+    def _inference_weight(self) -> torch.Tensor:
+        param = self.sv.trainable
+        key = (param._version, param.data_ptr(), param.dtype, param.device, self.U.data_ptr())
+        if self._cache_key != key or self._cached_weight is None:
+            with torch.no_grad():
+                self._cached_weight = self.recomposed_weight().reshape(self.weight_shape)
+            self._cache_key = key
+        return self._cached_weight
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.sv.trainable.requires_grad
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module signature
+        self._cache_key, self._cached_weight = None, None
+        return super()._apply(fn, recurse)
+
+
+class SVFConv2d(SVFLayer):
+    """SVF replacement of a ``groups == 1`` :class:`torch.nn.Conv2d` (any kernel/stride/dilation).
+
+    Input ``[N, Ci, H, W]`` -> output ``[N, Co, H', W']``, identical to the source conv at init.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        parametrization: Parametrization = "direct",
+        form: Form = DEFAULT_TRAIN_FORM,
+    ) -> None:
+        if conv.groups != 1:
+            raise ValueError("SVF needs groups == 1 (depthwise/grouped convs are skipped)")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
+        super().__init__(conv.weight, conv.bias, parametrization, form)
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.kernel_size = conv.kernel_size
+        self.same_pad = Conv2dSame is not None and isinstance(conv, Conv2dSame)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_pad:
+            return pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._pad(x)
+        if not self._needs_grad():
+            weight = self._inference_weight()
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.form == "recompose":
+            weight = self.recomposed_weight().reshape(self.weight_shape)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+        co, ci, kh, kw = self.weight_shape
+        h = F.conv2d(x, self.Vh.reshape(self.rank, ci, kh, kw), None, self.stride, self.padding,
+                     self.dilation)
+        h = h * self.sv()[None, :, None, None]
+        return F.conv2d(h, self.U[:, :, None, None], self.bias)
+
+    def components(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank-R intermediate response ``s * (V^T x)``: ``[N, R, H', W']`` (for cue maps)."""
+        co, ci, kh, kw = self.weight_shape
+        h = F.conv2d(self._pad(x), self.Vh.reshape(self.rank, ci, kh, kw), None, self.stride,
+                     self.padding, self.dilation)
+        return h * self.sv()[None, :, None, None]
+
+    def to_plain(self) -> nn.Conv2d:
+        """A plain conv (``Conv2dSame`` where the source was one) with the tuned weight."""
+        co, ci, kh, kw = self.weight_shape
+        cls = Conv2dSame if self.same_pad else nn.Conv2d
+        conv = cls(ci, co, (kh, kw), stride=self.stride, padding=0 if self.same_pad else self.padding,
+                   dilation=self.dilation, bias=self.bias is not None)
+        conv = conv.to(device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.recomposed_weight().reshape(self.weight_shape))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.weight.requires_grad_(False)
+        if conv.bias is not None:
+            conv.bias.requires_grad_(False)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_shape[1]}, {self.weight_shape[0]}, kernel_size={self.kernel_size}, "
+                f"rank={self.rank}, stride={self.stride}, dilation={self.dilation}, "
+                f"parametrization={self.sv.parametrization}, form={self.form}")
+
+
+class SVFLinear(SVFLayer):
+    """SVF replacement of :class:`torch.nn.Linear`: ``[..., Ci] -> [..., Co]``."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        parametrization: Parametrization = "direct",
+        form: Form = DEFAULT_TRAIN_FORM,
+    ) -> None:
+        super().__init__(linear.weight, linear.bias, parametrization, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._needs_grad():
+            return F.linear(x, self._inference_weight(), self.bias)
+        if self.form == "recompose":
+            return F.linear(x, self.recomposed_weight(), self.bias)
+        return F.linear(F.linear(x, self.Vh) * self.sv(), self.U, self.bias)
+
+    def components(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank-R intermediate response ``s * (V^T x)``: ``[..., R]``."""
+        return F.linear(x, self.Vh) * self.sv()
+
+    def to_plain(self) -> nn.Linear:
+        """A plain linear layer with the tuned weight."""
+        co, ci = self.weight_shape
+        linear = nn.Linear(ci, co, bias=self.bias is not None).to(self.U.device, self.U.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.recomposed_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.requires_grad_(False)
+        return linear
+
+
+@dataclass(frozen=True)
+class SVFStats:
+    """Trainable-parameter report of a module after :func:`apply_svf`."""
+
+    layers: int
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"SVF: {self.layers} layers, {self.trainable:,} trainable singular values of "
+                f"{self.total:,} weights ({100 * self.fraction:.3f}%)")
+
+
+def _conv_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return None
+        kh, kw = module.kernel_size
+        return "1x1" if (kh, kw) == (1, 1) else "3x3"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def _modules_of(module: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
+    return [module] if isinstance(module, nn.Module) else list(module)
+
+
+def svf_layers(module: nn.Module | Iterable[nn.Module], prefix: str = "") -> Iterator[tuple[str, SVFLayer]]:
+    """Yield ``(qualified name, layer)`` for every SVF layer inside ``module``."""
+    for root in _modules_of(module):
+        for name, sub in root.named_modules(prefix=prefix):
+            if isinstance(sub, SVFLayer):
+                yield name, sub
+
+
+def svf_parameters(module: nn.Module | Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The trainable tensors (``s`` or ``d``) of every SVF layer inside ``module``."""
+    return [layer.sv.trainable for _, layer in svf_layers(module)]
+
+
+def svf_stats(module: nn.Module | Iterable[nn.Module]) -> SVFStats:
+    """Count SVF layers, trainable parameters and all weights (SVF layers count their ``Co*Ci*k*k``)."""
+    layers = trainable = total = 0
+    for root in _modules_of(module):
+        for sub in root.modules():
+            if isinstance(sub, SVFLayer):
+                layers += 1
+                trainable += sub.rank
+                co = sub.weight_shape[0]
+                total += co * int(torch.tensor(sub.weight_shape[1:]).prod())
+                total += 0 if sub.bias is None else sub.bias.numel()
+            else:
+                total += sum(p.numel() for p in sub.parameters(recurse=False))
+    return SVFStats(layers, trainable, total)
+
+
+def _replace(root: nn.Module, build) -> int:  # noqa: ANN001 - build: Callable[[nn.Module], nn.Module|None]
+    count = 0
+    for name, child in list(root.named_children()):
+        new = build(child)
+        if new is not None:
+            setattr(root, name, new)
+            count += 1
+        else:
+            count += _replace(child, build)
+    return count
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm inside ``module`` by timm's frozen (always eval) version."""
+    from timm.layers import freeze_batch_norm_2d
+
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return freeze_batch_norm_2d(module)
+    for name, child in list(module.named_children()):
+        setattr(module, name, freeze_batchnorm(child))
+    return module
+
+
+def apply_svf(
+    module: nn.Module | Iterable[nn.Module],
+    kinds: Iterable[str] = ("1x1", "3x3"),
+    parametrization: Parametrization = "direct",
+    form: Form = DEFAULT_TRAIN_FORM,
+    freeze_rest: bool = True,
+) -> nn.Module | list[nn.Module]:
+    """Replace every eligible conv/linear inside ``module`` by its SVF layer.
+
+    Args:
+        module: a module (e.g. ``backbone.layer3``) or a list of modules (stages).
+        kinds: which layers to decompose: ``"1x1"`` convs, ``"3x3"`` (every conv with a spatial
+            kernel, 3x3 or larger) and ``"linear"``. Grouped/depthwise convs are always skipped.
+        parametrization: ``"direct"`` (train ``s``) or ``"exp"`` (train ``d``, ``s = s0 exp(d)``).
+        form: training forward form (see module docstring).
+        freeze_rest: freeze every other parameter inside ``module`` and turn its BatchNorms into
+            frozen BatchNorms, so only singular values train.
+
+    Returns:
+        ``module`` itself (the same list when a list was given), modified in place. The
+        trainable-parameter count and fraction are logged (``svf_stats`` returns them).
+    """
+    kinds = set(kinds)
+    unknown = kinds - {"1x1", "3x3", "linear"}
+    if unknown:
+        raise ValueError(f"unknown SVF kinds {sorted(unknown)}; use '1x1', '3x3', 'linear'")
+    roots = _modules_of(module)
+    if any(isinstance(r, (SVFLayer, nn.Conv2d, nn.Linear)) for r in roots):
+        raise TypeError("apply_svf replaces layers inside a container; pass the stage that holds them")
+
+    def build(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, SVFLayer):
+            return None
+        kind = _conv_kind(child)
+        if kind is None or kind not in kinds:
+            return None
+        if kind == "linear":
+            return SVFLinear(child, parametrization, form)
+        return SVFConv2d(child, parametrization, form)
+
+    for root in roots:
+        if freeze_rest:
+            for p in root.parameters():
+                p.requires_grad_(False)
+            freeze_batchnorm(root)
+        _replace(root, build)
+    stats = svf_stats(roots)
+    logger.info("%s", stats)
+    return module
+
+
+def fold_svf(module: nn.Module | Iterable[nn.Module]) -> nn.Module | list[nn.Module]:
+    """Replace every SVF layer inside ``module`` by a plain conv/linear with the tuned weight."""
+    for root in _modules_of(module):
+        _replace(root, lambda child: child.to_plain() if isinstance(child, SVFLayer) else None)
+    return module
+
+
+def set_svf_form(module: nn.Module | Iterable[nn.Module], form: Form) -> None:
+    """Switch the training forward form of every SVF layer inside ``module``."""
+    for _, layer in svf_layers(module):
+        layer.form = form
