@@ -47,6 +47,31 @@ class FewShotHead(nn.Module):
         raise NotImplementedError
 
 
+    def leave_one_out_logits(self, backbone: Backbone, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Each of ``K >= 2`` shots segmented as the query of the other ``K - 1``.
+
+        Args:
+            images: ``[K, 3, H, W]`` normalised; masks: ``[K, H, W]`` (1 fg, 0 bg, 255 ignore).
+
+        Returns:
+            logits ``[K, 2, h, w]``. Heads may override this with a cheaper exact version.
+        """
+        k = images.shape[0]
+        others = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, k)]) for i in range(k)])
+        cache = self.encode_supports(backbone, images[others], masks[others])
+        return self.segment(backbone, images, cache)
+
+    def cross_logits(
+        self, backbone: Backbone, supports: torch.Tensor, masks: torch.Tensor, queries: torch.Tensor
+    ) -> torch.Tensor:
+        """Every query against the same supports: ``supports [K,3,H,W]``, ``masks [K,H,W]``,
+        ``queries [Q,3,H,W]`` -> logits ``[Q, 2, h, w]``."""
+        q = queries.shape[0]
+        cache = self.encode_supports(backbone, supports[None].expand(q, *supports.shape),
+                                     masks[None].expand(q, *masks.shape))
+        return self.segment(backbone, queries, cache)
+
+
 class FewShotSegmenter(nn.Module):
     """``backbone`` + ``head``. State-dict keys: ``backbone.layerN.*`` and ``head.*``."""
 

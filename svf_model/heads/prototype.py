@@ -43,12 +43,37 @@ class PrototypeHead(FewShotHead):
         b, k = supports.shape[:2]
         feat = self.features(backbone, supports.flatten(0, 1))
         fg, bg = resize_mask(masks.flatten(0, 1), feat.shape[-2:])
-        fg_proto = masked_average_pool(feat, fg).view(b, k, -1).mean(1)
-        bg_proto = masked_average_pool(feat, bg).view(b, k, -1).mean(1)
-        return {"prototypes": torch.stack([bg_proto, fg_proto], dim=1)}  # [B, 2, C]
+        return {"prototypes": self._prototypes(feat, fg, bg).view(b, k, 2, -1)}  # per shot [B, K, 2, C]
+
+    @staticmethod
+    def _prototypes(feat: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+        """``feat [N, C, h, w]``, masks ``[N, 1, h, w]`` -> ``[N, 2, C]`` (background, foreground)."""
+        return torch.stack([masked_average_pool(feat, bg).flatten(1), masked_average_pool(feat, fg).flatten(1)], 1)
+
+    def _logits(self, feat: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+        """``feat [B, C, h, w]``, ``protos [B, 2, C]`` -> ``[B, 2, h, w]`` scaled cosine similarity."""
+        return self.temperature * torch.einsum(
+            "bchw,bkc->bkhw", F.normalize(feat, dim=1), F.normalize(protos, dim=-1)
+        )
+
+    def leave_one_out_logits(self, backbone: Backbone, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One backbone pass for all ``K`` leave-one-out episodes (same result as the generic one)."""
+        feat = self.features(backbone, images)
+        fg, bg = resize_mask(masks, feat.shape[-2:])
+        protos = self._prototypes(feat, fg, bg)  # [K, 2, C]
+        k = protos.shape[0]
+        others = (protos.sum(0, keepdim=True) - protos) / (k - 1)
+        return self._logits(feat, others)
+
+    def cross_logits(
+        self, backbone: Backbone, supports: torch.Tensor, masks: torch.Tensor, queries: torch.Tensor
+    ) -> torch.Tensor:
+        feat = self.features(backbone, torch.cat([supports, queries]))
+        k = supports.shape[0]
+        fg, bg = resize_mask(masks, feat.shape[-2:])
+        protos = self._prototypes(feat[:k], fg, bg).mean(0, keepdim=True)
+        return self._logits(feat[k:], protos.expand(queries.shape[0], -1, -1))
 
     def segment(self, backbone: Backbone, query: torch.Tensor, cache: SupportCache, return_aux: bool = False):
-        feat = F.normalize(self.features(backbone, query), dim=1)  # [B, C, h, w]
-        protos = F.normalize(cache["prototypes"], dim=-1)  # [B, 2, C]
-        logits = self.temperature * torch.einsum("bchw,bkc->bkhw", feat, protos)
+        logits = self._logits(self.features(backbone, query), cache["prototypes"].mean(1))
         return (logits, []) if return_aux else logits

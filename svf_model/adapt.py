@@ -1,0 +1,253 @@
+"""On-the-fly SVF adaptation to a user's shots: only the backbone's singular values train.
+
+Episodes come from the supports alone:
+
+* ``K >= 2``: leave-one-out - each support is the query of the other ``K - 1``.
+* ``K = 1``: the support against augmented views of itself (scale/crop, flip, colour jitter).
+
+The head and everything else stay frozen; BatchNorms are frozen by :func:`svf_model.apply_svf`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .model import FewShotSegmenter
+from .svf import svf_layers
+
+IGNORE = 255
+
+
+@dataclass
+class AdaptConfig:
+    """Adaptation settings (defaults chosen by measurement; see README, "Adaptation").
+
+    Attributes:
+        steps: optimiser steps.
+        lr: Adam learning rate on ``d`` (``s = s0 exp(d)``); for the ``direct`` parametrisation it is
+            scaled by each layer's mean singular value, so it is a relative step in both cases.
+        image_size: side the supports are resized to while adapting (smaller is faster).
+        time_budget_s: stop early after this many seconds (``None``: no limit).
+        seed: seeds the augmentations and anything random.
+        views: number of augmented views for 1-shot episodes.
+        one_shot: ``"views"`` (adapt against augmented views) or ``"skip"`` (1 shot: do nothing).
+        target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
+            (BatchNorm affine of the SVF stages) and ``"full"`` (every weight of those stages).
+            The comparison targets modify the model they are given: pass a copy.
+    """
+
+    steps: int = 10
+    lr: float = 0.01
+    image_size: int | None = 321
+    time_budget_s: float | None = 60.0
+    seed: int = 0
+    views: int = 4
+    one_shot: str = "views"
+    target: str = "svf"
+
+
+@dataclass
+class AdaptProgress:
+    step: int
+    steps: int
+    loss: float
+    seconds: float
+
+
+@dataclass
+class AdaptResult:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    cancelled: bool = False
+    out_of_time: bool = False
+    skipped: str | None = None
+
+
+def _resize(supports: torch.Tensor, masks: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if size is None or size == supports.shape[-1]:
+        return supports, masks
+    x = F.interpolate(supports, (size, size), mode="bilinear", align_corners=False, antialias=True)
+    m = F.interpolate(masks[:, None], (size, size), mode="nearest")[:, 0]
+    return x, m
+
+
+def augmented_views(
+    image: torch.Tensor, mask: torch.Tensor, n: int, mean: tuple, std: tuple, generator_seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` jointly augmented views of one normalised ``image [3, S, S]`` and ``mask [S, S]``.
+
+    Returns ``views [n, 3, S, S]`` (normalised) and ``masks [n, S, S]`` (255 where undefined).
+    """
+    size = image.shape[-1]
+    mean_t = torch.tensor(mean, device=image.device)[:, None, None]
+    std_t = torch.tensor(std, device=image.device)[:, None, None]
+    rgb = (image * std_t + mean_t).clamp(0, 1)
+    transform = v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.45, 1.0), ratio=(0.75, 1.333), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+    ])
+    state = torch.random.get_rng_state()
+    torch.manual_seed(generator_seed)
+    views, masks = [], []
+    try:
+        for _ in range(n):
+            img_t, msk_t = transform(tv_tensors.Image(rgb), tv_tensors.Mask(mask[None]))
+            views.append(((img_t.as_subclass(torch.Tensor) - mean_t) / std_t))
+            masks.append(msk_t.as_subclass(torch.Tensor)[0])
+    finally:
+        torch.random.set_rng_state(state)
+    return torch.stack(views), torch.stack(masks)
+
+
+@contextlib.contextmanager
+def _only_singular_values_train(model: FewShotSegmenter) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
+    """Make exactly the SVF parameters trainable; restore every ``requires_grad`` afterwards."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for _, layer in svf_layers(model.backbone):
+        p = layer.sv.trainable
+        p.requires_grad_(True)
+        scale = 1.0 if layer.sv.parametrization == "exp" else float(layer.sv.s0.abs().mean())
+        params.append((p, scale))
+    try:
+        yield params
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _baseline_target(target: str):
+    """Comparison targets (``"bn"``, ``"full"``) on the stages that hold SVF layers: those layers are
+    folded back to plain convs and the chosen weights become trainable parameters (BN stays in eval)."""
+    if target not in ("bn", "full"):
+        raise ValueError(f"target must be svf, bn or full, got {target!r}")
+
+    @contextlib.contextmanager
+    def trainer(model: FewShotSegmenter) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
+        from .svf import fold_svf
+
+        stages = sorted({name.rsplit(".", 1)[0] for name, _ in svf_layers(model.backbone)})
+        roots = [model.backbone.get_submodule(s) for s in stages]
+        fold_svf(roots)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = []
+        for root in roots:
+            for module in root.modules():
+                if "BatchNorm" in type(module).__name__:
+                    for key in ("weight", "bias"):
+                        value = module._buffers.pop(key, None)
+                        if value is not None:
+                            setattr(module, key, torch.nn.Parameter(value.clone()))
+                        tensor = getattr(module, key, None)
+                        if isinstance(tensor, torch.nn.Parameter):
+                            params.append(tensor)
+                elif target == "full":
+                    params.extend(module.parameters(recurse=False))
+        for p in params:
+            p.requires_grad_(True)
+        yield [(p, 1.0) for p in params]
+
+    return trainer
+
+
+def episode_loss(model: FewShotSegmenter, episode: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Cross-entropy (255 ignored) of one batch of adaptation episodes."""
+    head, backbone = model.head, model.backbone
+    if len(episode) == 2:
+        images, masks = episode
+        logits = head.leave_one_out_logits(backbone, images, masks)
+        target = masks
+    else:
+        support, support_mask, views, view_masks = episode
+        logits = head.cross_logits(backbone, support, support_mask, views)
+        target = view_masks
+    logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=True)
+    valid = target != IGNORE
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target.long(), ignore_index=IGNORE)
+
+
+def adapt_svf(
+    model: FewShotSegmenter,
+    supports: torch.Tensor,
+    masks: torch.Tensor,
+    config: AdaptConfig,
+    progress: Callable[[AdaptProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> AdaptResult:
+    """Fine-tune the singular values of ``model.backbone`` in place on episodes built from the supports.
+
+    Args:
+        model: a segmenter whose backbone holds SVF layers (the stages to adapt).
+        supports: ``[K, 3, S, S]`` normalised, letterboxed support images.
+        masks: ``[K, S, S]`` with 1 fg, 0 bg, 255 ignore.
+        config: see :class:`AdaptConfig`.
+        progress: called after every step.
+        should_stop: polled between steps; when it returns True the singular values are restored
+            to their values at the call and the result says ``cancelled``.
+    """
+    start = time.perf_counter()
+    k = supports.shape[0]
+    if not any(True for _ in svf_layers(model.backbone)):
+        raise ValueError("the model's backbone has no SVF layers to adapt")
+    if k == 1 and config.one_shot == "skip":
+        return AdaptResult(0, 0.0, skipped="one shot: adaptation is off for single shots (config.one_shot='skip')")
+    torch.manual_seed(config.seed)
+    images, labels = _resize(supports, masks, config.image_size)
+    if k >= 2:
+        episode = (images, labels)
+    else:
+        views, view_masks = augmented_views(images[0], labels[0], config.views, model.backbone.mean,
+                                            model.backbone.std, config.seed)
+        episode = (images, labels, views, view_masks)
+
+    was_training = model.training
+    model.eval()
+    result = AdaptResult(0, 0.0)
+    trainer = _only_singular_values_train if config.target == "svf" else _baseline_target(config.target)
+    with trainer(model) as params:
+        initial = [p.detach().clone() for p, _ in params]
+        optimizer = torch.optim.Adam([{"params": [p], "lr": config.lr * scale} for p, scale in params])
+        for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                result.cancelled = True
+                break
+            if config.time_budget_s is not None and time.perf_counter() - start > config.time_budget_s:
+                result.out_of_time = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss = episode_loss(model, episode)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for p, _ in params:
+                    if p.dim() and not torch.isfinite(p).all():
+                        raise FloatingPointError("adaptation diverged (non-finite singular values)")
+            result.steps = step + 1
+            result.losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(AdaptProgress(step + 1, config.steps, result.losses[-1], time.perf_counter() - start))
+        if result.cancelled:
+            with torch.no_grad():
+                for (p, _), p0 in zip(params, initial, strict=True):
+                    p.copy_(p0)
+    model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    if not math.isfinite(result.seconds):
+        result.seconds = 0.0
+    return result

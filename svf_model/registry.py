@@ -1,0 +1,153 @@
+"""Model registry (``checkpoints/registry.json``): what each named model is and where its weights live.
+
+Each entry names the architecture (``method``, ``backbone``, ``head_kwargs``), the shot count it was
+trained for, its training data and licence, its file and sha256, and a ``source``:
+
+* ``{"type": "builtin"}``: no file (training-free head on an embedded backbone);
+* ``{"type": "local"}``: ``checkpoints/<file>``;
+* ``{"type": "hub", "repo_id": ..., "filename": ..., "revision": ...}``: fetched with
+  ``huggingface_hub`` (honours ``HF_HUB_OFFLINE``; offline, a missing file is a clear error).
+
+``format`` is ``"svf"`` (this project's safetensors: head + singular values) or ``"official"``
+(a PFENet/BAM ``best.pth``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .weights import CheckpointError
+
+CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+REGISTRY_FILE = CHECKPOINT_DIR / "registry.json"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    method: str
+    backbone: str
+    title: str = ""
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    shot: int | None = None
+    training_data: str = ""
+    license: str = ""
+    file: str | None = None
+    sha256: str | None = None
+    source: dict[str, Any] = field(default_factory=lambda: {"type": "builtin"})
+    format: str = "svf"
+    image_size: int = 473
+    adapt_stages: list[str] = field(default_factory=lambda: ["layer4"])
+    parametrization: str = "exp"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def read_registry(path: str | os.PathLike = REGISTRY_FILE) -> tuple[str, dict[str, ModelEntry]]:
+    """``(default name, {name: entry})`` from a registry file."""
+    data = json.loads(Path(path).read_text())
+    entries = {}
+    for raw in data["models"]:
+        entry = ModelEntry(**raw)
+        entries[entry.name] = entry
+    if data["default"] not in entries:
+        raise CheckpointError(f"registry default {data['default']!r} is not one of its models")
+    return data["default"], entries
+
+
+def list_models(path: str | os.PathLike = REGISTRY_FILE) -> list[str]:
+    default, entries = read_registry(path)
+    return [default] + sorted(n for n in entries if n != default)
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_file(entry: ModelEntry, checkpoint_dir: Path = CHECKPOINT_DIR) -> Path | None:
+    """Local path of the entry's weights (downloading from the hub if needed), sha256-verified."""
+    kind = entry.source.get("type", "builtin")
+    if kind == "builtin":
+        return None
+    if not entry.file:
+        raise CheckpointError(f"registry entry {entry.name!r} has no file name")
+    local = checkpoint_dir / entry.file
+    if not local.is_file() and kind == "hub":
+        local = _download(entry, checkpoint_dir)
+    if not local.is_file():
+        raise CheckpointError(
+            f"model {entry.name!r}: weights not found. Put the file at {local} "
+            f"(training data: {entry.training_data or 'see checkpoints/README.md'})"
+        )
+    if entry.sha256:
+        actual = sha256_of(local)
+        if actual != entry.sha256:
+            raise CheckpointError(
+                f"model {entry.name!r}: {local.name} has sha256 {actual[:16]}..., the registry expects "
+                f"{entry.sha256[:16]}...: the file is corrupt, tampered with or another version; refusing it"
+            )
+    return local
+
+
+def _download(entry: ModelEntry, checkpoint_dir: Path) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    src = entry.source
+    try:
+        path = hf_hub_download(
+            repo_id=src["repo_id"], filename=src.get("filename", entry.file), revision=src.get("revision"),
+            local_dir=checkpoint_dir,
+        )
+    except Exception as exc:  # noqa: BLE001 - offline mode, no network, 404: same advice
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise CheckpointError(
+            f"model {entry.name!r}: could not fetch {src.get('filename', entry.file)} from the Hugging Face Hub "
+            f"repo {src['repo_id']}{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(exc).__name__}. "
+            f"Download it by hand and put it at {checkpoint_dir / entry.file}"
+        ) from exc
+    return Path(path)
+
+
+def load_model(name: str | None = None, device: str = "cpu", registry: str | os.PathLike = REGISTRY_FILE):
+    """Build a registered model (``None``: the default) -> ``(FewShotSegmenter, ModelEntry)``.
+
+    The backbone stages listed in ``adapt_stages`` carry SVF layers, ready for adaptation.
+    """
+    from .backbones import build_backbone
+    from .heads import build_head
+    from .model import FewShotSegmenter
+    from .svf import apply_svf, svf_layers
+
+    default, entries = read_registry(registry)
+    name = name or default
+    if name not in entries:
+        raise CheckpointError(f"unknown model {name!r}; registered: {', '.join(sorted(entries))}")
+    entry = entries[name]
+    path = resolve_file(entry)
+    if path is None:
+        backbone = build_backbone(entry.backbone, weights="imagenet")
+        model = FewShotSegmenter(backbone, build_head(entry.method, backbone, **entry.head_kwargs))
+    elif entry.format == "official":
+        from .official import load_official
+
+        model = load_official(path, entry.method, entry.backbone, shot=entry.shot or 1, **entry.head_kwargs)
+    else:
+        from .checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(path)
+    have = {name.split(".")[0] for name, _ in svf_layers(model.backbone)}
+    missing = [s for s in entry.adapt_stages if s not in have]
+    if missing:
+        apply_svf(model.backbone.stages(missing), parametrization=entry.parametrization)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.name = entry.name
+    return model.to(device).eval(), entry

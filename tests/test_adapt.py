@@ -1,0 +1,130 @@
+"""SVF adaptation on real shots: only singular values change, reset/cancel/export/import, isolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from svf_model import apply_svf, build_backbone
+from svf_model.adapt import AdaptConfig
+from svf_model.heads import build_head
+from svf_model.model import FewShotSegmenter
+from svf_model.predictor import Predictor
+from svf_model.weights import CheckpointError
+from tests.helpers import fss_pairs
+
+SIZE = 161
+FAST = AdaptConfig(steps=3, lr=0.05, image_size=129, time_budget_s=None)
+
+
+def _model(backbone):
+    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
+    apply_svf([m.backbone.layer4[1]], parametrization="exp")
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model(lite2):
+    return _model(lite2)
+
+
+@pytest.fixture(scope="module")
+def shots(fss_dev):
+    return fss_pairs(fss_dev, "video_dog", 4)
+
+
+def _predictor(model, shots, k=3):
+    p = Predictor(model, image_size=SIZE)
+    p.set_supports([s[0] for s in shots[:k]], [s[1] for s in shots[:k]])
+    return p
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_adaptation_changes_only_singular_values_and_is_deterministic(model, shots):
+    before = _snapshot(model)
+    p = _predictor(model, shots)
+    result = p.adapt(FAST)
+    assert result.steps == 3 and not result.cancelled and len(result.losses) == 3
+    # The shared model is untouched; the predictor holds its own values.
+    after = _snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    adapted = p.svf_values()
+    changed = [k for k in adapted if not torch.equal(adapted[k], p._base[k])]
+    assert changed, "adaptation moved no singular value"
+    # Loading the predictor's values changes exactly the SVF trainables of the model.
+    with p._active():
+        during = _snapshot(model)
+    differing = {k for k in before if not torch.equal(before[k], during[k])}
+    assert differing and all(k.endswith(".sv.d") or k.endswith(".sv.s") for k in differing)
+    q = _predictor(model, shots)
+    q.adapt(FAST)
+    assert all(torch.equal(q.svf_values()[k], adapted[k]) for k in adapted)
+
+
+def test_reset_restores_exact_predictions(model, shots):
+    p = _predictor(model, shots)
+    query = shots[3][0]
+    original = p.predict(query).prob
+    p.adapt(FAST)
+    adapted = p.predict(query).prob
+    assert not np.array_equal(original, adapted)
+    p.reset()
+    np.testing.assert_array_equal(p.predict(query).prob, original)
+
+
+def test_cancel_keeps_previous_state(model, shots):
+    p = _predictor(model, shots)
+    query = shots[3][0]
+    original = p.predict(query).prob
+    calls = []
+    result = p.adapt(AdaptConfig(steps=5, lr=0.05, image_size=129, time_budget_s=None),
+                     progress=calls.append, should_stop=lambda: len(calls) >= 2)
+    assert result.cancelled and result.steps == 2 and [c.step for c in calls] == [1, 2]
+    assert not p.adapted
+    np.testing.assert_array_equal(p.predict(query).prob, original)
+
+
+def test_one_shot_views_and_progress(model, shots):
+    p = _predictor(model, shots, k=1)
+    seen = []
+    result = p.adapt(FAST, progress=seen.append)
+    assert result.steps == 3 and [s.step for s in seen] == [1, 2, 3]
+    assert all(np.isfinite(s.loss) and s.seconds >= 0 for s in seen)
+
+
+def test_sessions_are_isolated(model, shots):
+    a, b = _predictor(model, shots), _predictor(model, shots)
+    query = shots[3][0]
+    b_before = b.predict(query).prob
+    a.adapt(FAST)
+    np.testing.assert_array_equal(b.predict(query).prob, b_before)
+    assert not np.array_equal(a.predict(query).prob, b_before)
+
+
+def test_export_import_reproduces_adapted_predictions(model, shots, tmp_path):
+    p = _predictor(model, shots)
+    p.adapt(FAST)
+    query = shots[3][0]
+    adapted = p.predict(query).prob
+    path = tmp_path / "session.safetensors"
+    p.export_svf(str(path))
+    assert path.stat().st_size < 200_000
+    fresh = _predictor(model, shots)
+    fresh.import_svf(str(path))
+    np.testing.assert_array_equal(fresh.predict(query).prob, adapted)
+
+
+def test_delta_of_another_backbone_is_refused(model, shots, tmp_path):
+    other = _model(build_backbone("efficientnet_lite0"))
+    p_other = Predictor(other, image_size=SIZE)
+    p_other.set_supports([shots[0][0]], [shots[0][1]])
+    path = tmp_path / "lite0.safetensors"
+    p_other.export_svf(str(path))
+    p = _predictor(model, shots)
+    with pytest.raises(CheckpointError):
+        p.import_svf(str(path))
+    assert not p.adapted

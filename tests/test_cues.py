@@ -1,0 +1,55 @@
+"""Cue analysis: changes sorted, top-k sorted, cue maps at the image size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from svf_model import apply_svf
+from svf_model.adapt import AdaptConfig
+from svf_model.cues import cue_maps, singular_value_changes
+from svf_model.heads import build_head
+from svf_model.model import FewShotSegmenter
+from svf_model.predictor import Predictor
+from svf_model.preprocess import fitted_size, letterbox_image
+from tests.helpers import fss_pairs
+
+
+@pytest.fixture(scope="module")
+def adapted(lite2, fss_dev):
+    m = FewShotSegmenter(lite2, build_head("prototype", lite2, stages=("layer2", "layer3", "layer4")))
+    apply_svf([m.backbone.layer4[1]], parametrization="exp")
+    shots = fss_pairs(fss_dev, "horse", 4)
+    p = Predictor(m.eval(), image_size=161)
+    p.set_supports([s[0] for s in shots[:3]], [s[1] for s in shots[:3]])
+    p.adapt(AdaptConfig(steps=3, lr=0.05, image_size=129, time_budget_s=None))
+    return p, shots
+
+
+def test_changes_sorted_and_topk_sorted(adapted):
+    p, _ = adapted
+    changes = singular_value_changes(p.model.backbone, p._base, p.svf_values())
+    assert len(changes) == 2 and changes[0].score >= changes[1].score > 0
+    layer = changes[0]
+    assert layer.label.startswith("layer4.1.0.conv_p") and layer.label.endswith("(1x1)")
+    rising, falling = layer.top(8, rising=True), layer.top(8, rising=False)
+    assert [c for _, c in rising] == sorted((c for _, c in rising), reverse=True) and rising[0][1] > 0
+    assert [c for _, c in falling] == sorted(c for _, c in falling) and falling[0][1] < 0
+    np.testing.assert_allclose(layer.relative, (layer.after - layer.before) / layer.before)
+    bars = layer.bar_chart(30)
+    assert len(bars["index"]) == 30 and bars["before"] == sorted(bars["before"], reverse=True)
+
+
+def test_cue_maps_have_image_size(adapted):
+    p, shots = adapted
+    img = shots[3][0]
+    h, w = img.shape[:2]
+    x = letterbox_image(img, 161, p.model.backbone.mean, p.model.backbone.std)[None]
+    layer = singular_value_changes(p.model.backbone, p._base, p.svf_values())[0]
+    idx = [i for i, _ in layer.top(4)]
+    with p._active():
+        maps = cue_maps(p.model.backbone, layer.name, x, idx, (h, w), fitted_size(h, w, 161))
+    assert maps.shape == (len(idx), h, w) and maps.dtype == np.float32
+    assert np.allclose(maps.reshape(len(idx), -1).max(1), 1.0) and maps.min() >= 0.0
+    assert not torch.equal(torch.from_numpy(maps[0]), torch.from_numpy(maps[-1]))
