@@ -28,3 +28,11 @@ __all__ = [
     "svf_parameters",
     "svf_stats",
 ]
+
+from .official import load_official, official_state_dict  # noqa: E402
+
+__all__ += ["load_official", "official_state_dict"]
+
+from .delta import load_svf_delta, save_svf_delta  # noqa: E402
+
+__all__ += ["load_svf_delta", "save_svf_delta"]

@@ -220,7 +220,7 @@ def adapt_svf(
     model.eval()
     result = AdaptResult(0, 0.0)
     trainer = _only_singular_values_train if config.target == "svf" else _baseline_target(config.target)
-    with trainer(model) as params:
+    with trainer(model) as params, model.backbone.frozen_prefix_cache():
         initial = [p.detach().clone() for p, _ in params]
         optimizer = torch.optim.Adam([{"params": [p], "lr": config.lr * scale} for p, scale in params])
         for step in range(config.steps):

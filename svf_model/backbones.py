@@ -11,10 +11,11 @@ them the same way (``backbone.layer3``). Weights:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -65,17 +66,65 @@ class Backbone(nn.Module):
         self.mean = mean
         self.std = std
         self.pretrained = False
+        self._prefix_cache: dict[int, tuple] | None = None
 
     def stages(self, names: list[str] | tuple[str, ...]) -> list[nn.Module]:
         """The stage modules with these names, e.g. ``["layer3", "layer4"]``."""
         return [getattr(self, n) for n in names]
 
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """The stages cut into the blocks they run in order: ``[(stage, block)]`` (a stage that is
+        a ``Sequential`` contributes its children)."""
+        out = []
+        for name in STAGES:
+            stage = getattr(self, name)
+            children = list(stage.children()) if isinstance(stage, nn.Sequential) else [stage]
+            out.extend((name, child) for child in children)
+        return out
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x [B, 3, H, W]`` normalised -> ``{stage: [B, C_stage, H/s, W/s]}``."""
-        feats = {}
-        for name in STAGES:
-            x = getattr(self, name)(x)
-            feats[name] = x
+        if self._prefix_cache is None:
+            feats = {}
+            for name in STAGES:
+                x = getattr(self, name)(x)
+                feats[name] = x
+            return feats
+        return self._forward_with_prefix_cache(x)
+
+    @contextlib.contextmanager
+    def frozen_prefix_cache(self) -> Iterator[None]:
+        """While active, the blocks before the first one with a trainable parameter run once per
+        input tensor (same object): later calls start from their cached output. Used by
+        adaptation, whose inputs are fixed and only late blocks train."""
+        self._prefix_cache = {}
+        try:
+            yield
+        finally:
+            self._prefix_cache = None
+
+    def _forward_with_prefix_cache(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        units = self.units()
+        cut = next((i for i, (_, m) in enumerate(units) if any(p.requires_grad for p in m.parameters())),
+                   len(units))
+        entry = self._prefix_cache.get(id(x))
+        if entry is None or entry[0] is not x:
+            feats: dict[str, torch.Tensor] = {}
+            h = x
+            with torch.no_grad():
+                for i, (stage, block) in enumerate(units[:cut]):
+                    h = block(h)
+                    if i + 1 == len(units) or units[i + 1][0] != stage:
+                        feats[stage] = h
+            entry = (x, feats, h)
+            self._prefix_cache[id(x)] = entry
+        _, cached, h = entry
+        feats = dict(cached)
+        for i in range(cut, len(units)):
+            stage, block = units[i]
+            h = block(h)
+            if i + 1 == len(units) or units[i + 1][0] != stage:
+                feats[stage] = h
         return feats
 
     def normalize(self, rgb01: torch.Tensor) -> torch.Tensor:
@@ -122,7 +171,10 @@ def _load_local(model: nn.Module, backbone: Backbone, path: str | os.PathLike) -
     for target in (model, backbone):
         own = target.state_dict()
         if set(state) <= set(own) and {k for k in own if "num_batches" not in k} <= set(state):
-            target.load_state_dict(state, strict=False)
+            try:
+                target.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # shape mismatches: same error type as every other bad file
+                raise BackboneWeightsError(f"{path}: {exc}") from exc
             backbone.pretrained = True
             return
     raise BackboneWeightsError(
@@ -304,5 +356,8 @@ def vgg16_bn(weights: str | os.PathLike | None = "auto") -> Backbone:
     model = timm.create_model("vgg16_bn", pretrained=False)
     feats = model.features
     stages = [nn.Sequential(*[feats[i] for i in range(a, b)]) for a, b in VGG16_STAGE_SLICES]
+    for m in feats:  # PFENet/BAM's vgg.py pools with ceil_mode=True: 473 -> 237 -> 119 -> 60 -> 30
+        if isinstance(m, nn.MaxPool2d):
+            m.ceil_mode = True
     backbone = Backbone("vgg16_bn", stages, [64, 128, 256, 512, 512], [2, 4, 8, 16, 16], IMAGENET_MEAN, IMAGENET_STD)
     return _resolve_weights(weights, model, backbone, _hub_loader("vgg16_bn.tv_in1k"))

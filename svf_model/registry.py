@@ -42,7 +42,7 @@ class ModelEntry:
     source: dict[str, Any] = field(default_factory=lambda: {"type": "builtin"})
     format: str = "svf"
     image_size: int = 473
-    adapt_stages: list[str] = field(default_factory=lambda: ["layer4"])
+    adapt_modules: list[str] = field(default_factory=lambda: ["layer4.1"])
     parametrization: str = "exp"
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -119,7 +119,8 @@ def _download(entry: ModelEntry, checkpoint_dir: Path) -> Path:
 def load_model(name: str | None = None, device: str = "cpu", registry: str | os.PathLike = REGISTRY_FILE):
     """Build a registered model (``None``: the default) -> ``(FewShotSegmenter, ModelEntry)``.
 
-    The backbone stages listed in ``adapt_stages`` carry SVF layers, ready for adaptation.
+    The backbone modules listed in ``adapt_modules`` (dotted paths such as ``"layer4"`` or
+    ``"layer4.1"``) carry SVF layers, ready for adaptation.
     """
     from .backbones import build_backbone
     from .heads import build_head
@@ -143,10 +144,10 @@ def load_model(name: str | None = None, device: str = "cpu", registry: str | os.
         from .checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(path)
-    have = {name.split(".")[0] for name, _ in svf_layers(model.backbone)}
-    missing = [s for s in entry.adapt_stages if s not in have]
+    have = [name for name, _ in svf_layers(model.backbone)]
+    missing = [m for m in entry.adapt_modules if not any(n == m or n.startswith(m + ".") for n in have)]
     if missing:
-        apply_svf(model.backbone.stages(missing), parametrization=entry.parametrization)
+        apply_svf([model.backbone.get_submodule(m) for m in missing], parametrization=entry.parametrization)
     for p in model.parameters():
         p.requires_grad_(False)
     model.name = entry.name

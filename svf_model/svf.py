@@ -23,6 +23,7 @@ one conv with a cached recomposed weight, so inference costs what the plain laye
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -55,7 +56,12 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         ``U [M, R]``, ``s [R]`` (descending), ``Vh [R, N]`` with ``R = min(M, N)``, in float64.
         Each column of ``U`` has its largest-magnitude entry positive (sklearn's ``svd_flip``).
     """
-    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    matrix = matrix.detach().double()
+    if matrix.shape[0] < matrix.shape[1]:  # LAPACK is 2-3x faster on the tall transpose of a wide matrix
+        v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
+        u, vh = uh.T, v.T
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True))).squeeze(0)
     signs[signs == 0] = 1.0
     return u * signs, s, vh * signs[:, None]
@@ -309,6 +315,8 @@ def svf_stats(module: nn.Module | Iterable[nn.Module]) -> SVFStats:
     layers = trainable = total = 0
     for root in _modules_of(module):
         for sub in root.modules():
+            if isinstance(sub, _SingularValues):
+                continue  # its values are the SVF layer's rank, counted above as ``trainable``
             if isinstance(sub, SVFLayer):
                 layers += 1
                 trainable += sub.rank
@@ -317,6 +325,9 @@ def svf_stats(module: nn.Module | Iterable[nn.Module]) -> SVFStats:
                 total += 0 if sub.bias is None else sub.bias.numel()
             else:
                 total += sum(p.numel() for p in sub.parameters(recurse=False))
+                # Frozen BatchNorms keep their affine weight/bias as buffers; count them so that
+                # ``total`` does not shrink when apply_svf freezes a stage.
+                total += sum(b.numel() for n, b in sub.named_buffers(recurse=False) if n in ("weight", "bias"))
     return SVFStats(layers, trainable, total)
 
 
@@ -332,15 +343,28 @@ def _replace(root: nn.Module, build) -> int:  # noqa: ANN001 - build: Callable[[
     return count
 
 
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm inside ``module`` by timm's frozen (always eval) version."""
-    from timm.layers import freeze_batch_norm_2d
+def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a frozen BatchNorm: it stays in eval mode whatever its parent asks."""
+    return nn.Module.train(self, False)
 
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return freeze_batch_norm_2d(module)
-    for name, child in list(module.named_children()):
-        setattr(module, name, freeze_batchnorm(child))
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Freeze every BatchNorm inside ``module`` (itself included): affine parameters stop training
+    and the layer stays in eval mode (running statistics fixed) even under ``model.train()``.
+
+    The layers keep their class and state-dict keys, and run the fused eval kernels.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            m.train = types.MethodType(_eval_only_train, m)
+            m.eval()
     return module
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and getattr(module.train, "__func__", None) is _eval_only_train
 
 
 def apply_svf(

@@ -68,11 +68,10 @@ class PrototypeHead(FewShotHead):
     def cross_logits(
         self, backbone: Backbone, supports: torch.Tensor, masks: torch.Tensor, queries: torch.Tensor
     ) -> torch.Tensor:
-        feat = self.features(backbone, torch.cat([supports, queries]))
-        k = supports.shape[0]
-        fg, bg = resize_mask(masks, feat.shape[-2:])
-        protos = self._prototypes(feat[:k], fg, bg).mean(0, keepdim=True)
-        return self._logits(feat[k:], protos.expand(queries.shape[0], -1, -1))
+        support_feat = self.features(backbone, supports)
+        fg, bg = resize_mask(masks, support_feat.shape[-2:])
+        protos = self._prototypes(support_feat, fg, bg).mean(0, keepdim=True)
+        return self._logits(self.features(backbone, queries), protos.expand(queries.shape[0], -1, -1))
 
     def segment(self, backbone: Backbone, query: torch.Tensor, cache: SupportCache, return_aux: bool = False):
         logits = self._logits(self.features(backbone, query), cache["prototypes"].mean(1))

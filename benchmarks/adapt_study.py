@@ -1,0 +1,148 @@
+"""Adaptation study: does SVF adaptation on the user's shots help, and does it beat the alternatives?
+
+On the same seeded episodes of held-out fss-dev classes (the seeded 20% hold-out of
+``svf_model.data.fss_folder.split_classes``, seed 0), for each variant it records the query IoU
+before and after adapting on the episode's supports:
+
+* ``svf``: singular values of the registry model's adapt modules (the method);
+* ``bn``: BatchNorm affine parameters of the same blocks;
+* ``full``: every weight of the same blocks (the paper's claim: this overfits).
+
+Usage::
+
+    python benchmarks/adapt_study.py --shots 5 --episodes 100 --variants svf:lr=0.01 bn full \\
+        --json benchmarks/results/adapt_5shot.json
+
+A variant is ``target[:key=value,...]`` with ``AdaptConfig`` fields (``steps``, ``lr``, ...).
+Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
+that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from svf_model.adapt import AdaptConfig, adapt_svf  # noqa: E402
+from svf_model.data.episodes import make_episodes  # noqa: E402
+from svf_model.data.fss_folder import FSSFolder, list_classes, split_classes  # noqa: E402
+from svf_model.predictor import Predictor  # noqa: E402
+from svf_model.registry import load_model  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
+
+
+def parse_variant(text: str) -> tuple[str, AdaptConfig]:
+    target, _, opts = text.partition(":")
+    kwargs: dict = {"target": target, "time_budget_s": None}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        field_type = type(getattr(AdaptConfig(), key))
+        kwargs[key] = value if field_type is str else (None if value == "none" else float(value))
+        if key in ("steps", "views", "seed", "image_size") and kwargs[key] is not None:
+            kwargs[key] = int(kwargs[key])
+    return text, AdaptConfig(**kwargs)
+
+
+def iou(pred: np.ndarray, label: np.ndarray) -> float:
+    valid = label != 255
+    fg = (label == 1) & valid
+    p = pred & valid
+    union = (p | fg).sum()
+    return float((p & fg).sum() / union) if union else 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--model", default=None, help="registry model (default: the registry default)")
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's)")
+    ap.add_argument("--variants", nargs="+", default=["svf"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, entry = load_model(args.model)
+    pristine = copy.deepcopy(model.cpu())  # for the comparison targets, which fold and retrain blocks
+    for attr in ("_predictor_lock", "_svf_base_state"):
+        pristine.__dict__.pop(attr, None)
+    size = args.size or entry.image_size
+    _, held_out = split_classes(list_classes(args.data), 0.2, 0)
+    episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)
+    variants = [parse_variant(v) for v in args.variants]
+    predictor = Predictor(model, image_size=size, model_name=entry.name)
+    rows: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    start = time.perf_counter()
+    for i in range(len(episodes)):
+        ep = episodes[i]
+        predictor.set_supports(ep.supports, [m == 1 for m in ep.support_masks], [m == 255 for m in ep.support_masks])
+        before = iou(predictor.predict(ep.query).mask, ep.query_mask)
+        for name, config in variants:
+            t0 = time.perf_counter()
+            if config.target == "svf":
+                predictor.adapt(config)
+                after = iou(predictor.predict(ep.query).mask, ep.query_mask)
+                predictor.reset()
+            else:
+                clone = copy.deepcopy(pristine)
+                other = Predictor(clone, image_size=size)
+                other.set_supports(ep.supports, [m == 1 for m in ep.support_masks],
+                                   [m == 255 for m in ep.support_masks])
+                adapt_svf(clone, other._supports, other._support_masks, config)
+                other._base, other._cache = {}, None
+                after = iou(other.predict(ep.query).mask, ep.query_mask)
+            rows[name].append({"class": ep.class_name, "iou_before": before, "iou_after": after,
+                               "seconds": time.perf_counter() - t0})
+        done = i + 1
+        means = "  ".join(f"{n}: {np.mean([r['iou_after'] - r['iou_before'] for r in rows[n]]) * 100:+.2f}"
+                          for n, _ in variants)
+        print(f"[{done}/{len(episodes)}] {time.perf_counter() - start:.0f}s  {means}", file=sys.stderr, flush=True)
+
+    summary = {}
+    print(f"\n{args.shots}-shot, {len(episodes)} episodes of {len(held_out)} held-out classes, model "
+          f"{entry.name}, size {size}\n")
+    print(f"| variant | mean IoU before | mean IoU after | change (pts) | std | s.e. | episodes losing >5 pts "
+          f"| median s | p90 s |\n|---|---|---|---|---|---|---|---|---|")
+    for name, config in variants:
+        r = rows[name]
+        delta = np.array([x["iou_after"] - x["iou_before"] for x in r]) * 100
+        secs = np.array([x["seconds"] for x in r])
+        summary[name] = {
+            "config": config.__dict__, "mean_before": float(np.mean([x["iou_before"] for x in r]) * 100),
+            "mean_after": float(np.mean([x["iou_after"] for x in r]) * 100), "mean_change": float(delta.mean()),
+            "std_change": float(delta.std(ddof=1)) if len(delta) > 1 else 0.0,
+            "se_change": float(delta.std(ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else 0.0,
+            "share_losing_5pts": float((delta < -5).mean()), "share_gaining_5pts": float((delta > 5).mean()),
+            "seconds": {"median": float(np.median(secs)), "p90": float(np.percentile(secs, 90))},
+            "episodes": r,
+        }
+        s = summary[name]
+        print(f"| {name} | {s['mean_before']:.1f} | {s['mean_after']:.1f} | {s['mean_change']:+.2f} | "
+              f"{s['std_change']:.2f} | {s['se_change']:.2f} | {100 * s['share_losing_5pts']:.1f}% | "
+              f"{s['seconds']['median']:.1f} | {s['seconds']['p90']:.1f} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"shots": args.shots, "episodes": len(episodes), "seed": args.seed,
+                                               "model": entry.name, "image_size": size, "held_out": held_out,
+                                               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                                               "variants": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
