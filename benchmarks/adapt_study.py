@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     print(f"\n{args.shots}-shot, {len(episodes)} episodes of {len(held_out)} held-out classes, model "
           f"{entry.name}, size {size}\n")
-    print(f"| variant | mean IoU before | mean IoU after | change (pts) | std | s.e. | episodes losing >5 pts "
-          f"| median s | p90 s |\n|---|---|---|---|---|---|---|---|---|")
+    print("| variant | mean IoU before | mean IoU after | change (pts) | std | s.e. | episodes losing >5 pts "
+          "| median s | p90 s |\n|---|---|---|---|---|---|---|---|---|")
     for name, config in variants:
         r = rows[name]
         delta = np.array([x["iou_after"] - x["iou_before"] for x in r]) * 100

@@ -103,7 +103,7 @@ def augmented_views(
     try:
         for _ in range(n):
             img_t, msk_t = transform(tv_tensors.Image(rgb), tv_tensors.Mask(mask[None]))
-            views.append(((img_t.as_subclass(torch.Tensor) - mean_t) / std_t))
+            views.append((img_t.as_subclass(torch.Tensor) - mean_t) / std_t)
             masks.append(msk_t.as_subclass(torch.Tensor)[0])
     finally:
         torch.random.set_rng_state(state)

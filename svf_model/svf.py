@@ -364,7 +364,9 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and getattr(module.train, "__func__", None) is _eval_only_train
+    """Whether ``module`` is a BatchNorm frozen by :func:`freeze_batchnorm`."""
+    is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return is_bn and getattr(module.train, "__func__", None) is _eval_only_train
 
 
 def apply_svf(

@@ -31,3 +31,6 @@ def build_head(method: str, backbone: Backbone, **kwargs) -> FewShotHead:
     if method not in _HEADS:
         raise KeyError(f"unknown head {method!r}; available: {', '.join(list_heads())}")
     return _HEADS[method](backbone, **kwargs)
+
+
+from . import bam, baseline, pfenet  # noqa: E402,F401  (registers the PFENet-family heads)
