@@ -40,6 +40,8 @@ class AdaptConfig:
         seed: seeds the augmentations and anything random.
         views: number of augmented views for 1-shot episodes.
         one_shot: ``"views"`` (adapt against augmented views) or ``"skip"`` (1 shot: do nothing).
+        modules: backbone module paths whose SVF layers adapt (e.g. ``["layer4.1"]``); ``None``:
+            every SVF layer of the backbone. The predictor fills it from the model's registry entry.
         target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
             (BatchNorm affine of the SVF stages) and ``"full"`` (every weight of those stages).
             The comparison targets modify the model they are given: pass a copy.
@@ -52,6 +54,7 @@ class AdaptConfig:
     seed: int = 0
     views: int = 4
     one_shot: str = "views"
+    modules: list[str] | None = None
     target: str = "svf"
 
 
@@ -110,14 +113,27 @@ def augmented_views(
     return torch.stack(views), torch.stack(masks)
 
 
+def adapted_layers(model: FewShotSegmenter, modules: list[str] | None) -> list[tuple[str, object]]:
+    """The SVF layers of ``model.backbone`` inside ``modules`` (all of them when ``None``)."""
+    layers = list(svf_layers(model.backbone))
+    if modules is not None:
+        layers = [(n, m) for n, m in layers if any(n == p or n.startswith(p + ".") for p in modules)]
+    if not layers:
+        raise ValueError(f"no SVF layers to adapt in {modules or 'the backbone'}")
+    return layers
+
+
 @contextlib.contextmanager
-def _only_singular_values_train(model: FewShotSegmenter) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
-    """Make exactly the SVF parameters trainable; restore every ``requires_grad`` afterwards."""
+def _only_singular_values_train(
+    model: FewShotSegmenter, modules: list[str] | None = None
+) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
+    """Make exactly the chosen SVF parameters trainable; restore every ``requires_grad`` afterwards."""
+    layers = adapted_layers(model, modules)
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
-    for _, layer in svf_layers(model.backbone):
+    for _, layer in layers:
         p = layer.sv.trainable
         p.requires_grad_(True)
         scale = 1.0 if layer.sv.parametrization == "exp" else float(layer.sv.s0.abs().mean())
@@ -136,10 +152,12 @@ def _baseline_target(target: str):
         raise ValueError(f"target must be svf, bn or full, got {target!r}")
 
     @contextlib.contextmanager
-    def trainer(model: FewShotSegmenter) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
+    def trainer(
+        model: FewShotSegmenter, modules: list[str] | None = None
+    ) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
         from .svf import fold_svf
 
-        stages = sorted({name.rsplit(".", 1)[0] for name, _ in svf_layers(model.backbone)})
+        stages = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, modules)})
         roots = [model.backbone.get_submodule(s) for s in stages]
         fold_svf(roots)
         for p in model.parameters():
@@ -203,8 +221,6 @@ def adapt_svf(
     """
     start = time.perf_counter()
     k = supports.shape[0]
-    if not any(True for _ in svf_layers(model.backbone)):
-        raise ValueError("the model's backbone has no SVF layers to adapt")
     if k == 1 and config.one_shot == "skip":
         return AdaptResult(0, 0.0, skipped="one shot: adaptation is off for single shots (config.one_shot='skip')")
     torch.manual_seed(config.seed)
@@ -220,7 +236,7 @@ def adapt_svf(
     model.eval()
     result = AdaptResult(0, 0.0)
     trainer = _only_singular_values_train if config.target == "svf" else _baseline_target(config.target)
-    with trainer(model) as params, model.backbone.frozen_prefix_cache():
+    with trainer(model, config.modules) as params, model.backbone.frozen_prefix_cache():
         initial = [p.detach().clone() for p, _ in params]
         optimizer = torch.optim.Adam([{"params": [p], "lr": config.lr * scale} for p, scale in params])
         for step in range(config.steps):

@@ -66,6 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments before any model is loaded (``None``: nothing)."""
+    if not args.support or not args.query:
+        return "give at least one --support IMG:MASK and one --query IMG"
+    if args.size is not None and args.size < 32:
+        return f"--size {args.size} is too small (at least 32)"
+    if args.save_svf and args.adapt_steps <= 0:
+        return "--save-svf writes adapted singular values: give --adapt-steps N with N > 0"
+    files = [f for pair in args.support for f in pair] + list(args.query)
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        return f"file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"--device {args.device}: no CUDA GPU is available here (use --device cpu)"
+    return None
+
+
+def _output_stem(query: str, taken: set[str]) -> str:
+    """The query's file stem, made unique among the outputs written so far (``x``, ``x-2``, ...)."""
+    stem, n = Path(query).stem, 1
+    unique = stem
+    while unique in taken:
+        n += 1
+        unique = f"{stem}-{n}"
+    taken.add(unique)
+    return unique
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .registry import list_models, load_model
@@ -73,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_models:
         print("\n".join(list_models()))
         return 0
-    if not args.support or not args.query:
-        print("error: give at least one --support IMG:MASK and one --query IMG", file=sys.stderr)
+    problem = _usage_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from .adapt import AdaptConfig
     from .predictor import Predictor
@@ -94,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         report: dict = {"model": name, "image_size": predictor.image_size, "queries": []}
         if args.adapt_steps > 0:
             config = AdaptConfig(steps=args.adapt_steps)
+            if config.image_size is not None:  # never upsample the letterboxed supports to adapt
+                config.image_size = min(config.image_size, predictor.image_size)
             if args.adapt_lr is not None:
                 config.lr = args.adapt_lr
             result = predictor.adapt(config, progress=lambda p: print(
@@ -103,17 +137,19 @@ def main(argv: list[str] | None = None) -> int:
                 predictor.export_svf(args.save_svf)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        taken: set[str] = set()
         for query in args.query:
             image = load_image(query)
             pred = predictor.predict(image, threshold=args.threshold)
-            stem = Path(query).stem
+            stem = _output_stem(query, taken)
             Image.fromarray(pred.mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
             Image.fromarray((pred.prob * 255 + 0.5).astype(np.uint8)).save(out / f"{stem}_prob.png")
             Image.fromarray(overlay(image, pred.mask)).save(out / f"{stem}_overlay.jpg", quality=92)
-            report["queries"].append({"query": query, "foreground_fraction": float(pred.mask.mean()),
+            report["queries"].append({"query": query, "mask": str(out / f"{stem}_mask.png"),
+                                      "foreground_fraction": float(pred.mask.mean()),
                                       "seconds": pred.seconds})
         print(json.dumps(report, indent=2))
-    except (InputError, CheckpointError) as exc:
+    except (InputError, CheckpointError, OSError) as exc:  # OSError: an output that cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

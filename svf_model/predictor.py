@@ -8,6 +8,8 @@ singular values under a lock for the duration of each call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +23,7 @@ from .delta import load_svf_delta, save_svf_delta, set_svf_state, svf_state
 from .imageio import ImageLike, InputError, check_mask, load_image, load_mask
 from .model import FewShotSegmenter
 from .preprocess import letterbox_image, letterbox_mask, unletterbox_logits
+from .svf import svf_parameters
 
 
 @dataclass
@@ -30,6 +33,9 @@ class Prediction:
     mask: np.ndarray  # bool [H, W]
     prob: np.ndarray  # float32 [H, W], foreground probability
     seconds: float
+
+
+_STATE_TOKENS = itertools.count(1)
 
 
 def default_device() -> torch.device:
@@ -85,6 +91,7 @@ class Predictor:
         self._lock = _shared_lock(model)
         self._base = base_svf_state(model)
         self._svf: dict[str, torch.Tensor] | None = None  # None: the model's own values
+        self._svf_token = 0  # identifies self._svf while it is loaded in the shared model
         self._supports: torch.Tensor | None = None  # [K, 3, S, S]
         self._support_masks: torch.Tensor | None = None  # [K, S, S]
         self._cache = None
@@ -104,9 +111,18 @@ class Predictor:
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
-        """Hold the shared model with this predictor's singular values loaded."""
+        """Hold the shared model with this predictor's singular values loaded.
+
+        Loading is skipped when the model still holds exactly these values (same state token and
+        untouched parameters), so consecutive calls of one session keep the cached folded weights.
+        """
         with self._lock:
-            set_svf_state(self.model.backbone, self._svf if self._svf is not None else self._base)
+            token = self._svf_token if self._svf is not None else 0
+            versions = tuple(p._version for p in svf_parameters(self.model.backbone))
+            if getattr(self.model, "_loaded_svf", None) != (token, versions):
+                set_svf_state(self.model.backbone, self._svf if self._svf is not None else self._base)
+                versions = tuple(p._version for p in svf_parameters(self.model.backbone))
+                self.model._loaded_svf = (token, versions)
             yield
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -190,6 +206,8 @@ class Predictor:
         if self._supports is None:
             raise InputError("no support shots: add at least one before adapting")
         config = config or AdaptConfig()
+        if config.modules is None and getattr(self.model, "adapt_modules", None):
+            config = dataclasses.replace(config, modules=list(self.model.adapt_modules))
         with self._active():
             before = svf_state(self.model.backbone)
             try:
@@ -198,14 +216,17 @@ class Predictor:
                 after = svf_state(self.model.backbone)
                 set_svf_state(self.model.backbone, before)
             if not result.cancelled:
-                self._svf = {k: v.detach().clone() for k, v in after.items()}
-                self._cache = None
+                self._set_svf({k: v.detach().clone() for k, v in after.items()})
         return result
+
+    def _set_svf(self, state: dict[str, torch.Tensor] | None) -> None:
+        self._svf = state
+        self._svf_token = next(_STATE_TOKENS)
+        self._cache = None
 
     def reset(self) -> None:
         """Forget the adaptation: back to the model's own singular values."""
-        self._svf = None
-        self._cache = None
+        self._set_svf(None)
 
     def export_svf(self, path: str) -> None:
         """Write this predictor's singular values as a safetensors delta."""
@@ -218,7 +239,7 @@ class Predictor:
             backup = svf_state(self.model.backbone)
             try:
                 load_svf_delta(self.model.backbone, path, self.model_name)
-                self._svf = {k: v.detach().clone() for k, v in svf_state(self.model.backbone).items()}
+                self._set_svf({k: v.detach().clone() for k, v in svf_state(self.model.backbone).items()})
             finally:
                 set_svf_state(self.model.backbone, backup)
         self._cache = None

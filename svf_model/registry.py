@@ -49,14 +49,18 @@ class ModelEntry:
 
 def read_registry(path: str | os.PathLike = REGISTRY_FILE) -> tuple[str, dict[str, ModelEntry]]:
     """``(default name, {name: entry})`` from a registry file."""
-    data = json.loads(Path(path).read_text())
-    entries = {}
-    for raw in data["models"]:
-        entry = ModelEntry(**raw)
-        entries[entry.name] = entry
-    if data["default"] not in entries:
-        raise CheckpointError(f"registry default {data['default']!r} is not one of its models")
-    return data["default"], entries
+    try:
+        data = json.loads(Path(path).read_text())
+        entries = {}
+        for raw in data["models"]:
+            entry = ModelEntry(**raw)
+            entries[entry.name] = entry
+        default = data["default"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"model registry {path} is unreadable or malformed: {type(exc).__name__}: {exc}") from exc
+    if default not in entries:
+        raise CheckpointError(f"registry default {default!r} is not one of its models")
+    return default, entries
 
 
 def list_models(path: str | os.PathLike = REGISTRY_FILE) -> list[str]:
@@ -72,8 +76,9 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def resolve_file(entry: ModelEntry, checkpoint_dir: Path = CHECKPOINT_DIR) -> Path | None:
+def resolve_file(entry: ModelEntry, checkpoint_dir: str | os.PathLike = CHECKPOINT_DIR) -> Path | None:
     """Local path of the entry's weights (downloading from the hub if needed), sha256-verified."""
+    checkpoint_dir = Path(checkpoint_dir)
     kind = entry.source.get("type", "builtin")
     if kind == "builtin":
         return None
@@ -116,11 +121,17 @@ def _download(entry: ModelEntry, checkpoint_dir: Path) -> Path:
     return Path(path)
 
 
-def load_model(name: str | None = None, device: str = "cpu", registry: str | os.PathLike = REGISTRY_FILE):
+def load_model(
+    name: str | None = None,
+    device: str = "cpu",
+    registry: str | os.PathLike = REGISTRY_FILE,
+    checkpoint_dir: str | os.PathLike | None = None,
+):
     """Build a registered model (``None``: the default) -> ``(FewShotSegmenter, ModelEntry)``.
 
     The backbone modules listed in ``adapt_modules`` (dotted paths such as ``"layer4"`` or
-    ``"layer4.1"``) carry SVF layers, ready for adaptation.
+    ``"layer4.1"``) carry SVF layers, ready for adaptation. Weight files are looked up (and hub
+    downloads stored) in ``checkpoint_dir``, by default the folder holding ``registry``.
     """
     from .backbones import build_backbone
     from .heads import build_head
@@ -132,7 +143,7 @@ def load_model(name: str | None = None, device: str = "cpu", registry: str | os.
     if name not in entries:
         raise CheckpointError(f"unknown model {name!r}; registered: {', '.join(sorted(entries))}")
     entry = entries[name]
-    path = resolve_file(entry)
+    path = resolve_file(entry, Path(checkpoint_dir) if checkpoint_dir is not None else Path(registry).parent)
     if path is None:
         backbone = build_backbone(entry.backbone, weights="imagenet")
         model = FewShotSegmenter(backbone, build_head(entry.method, backbone, **entry.head_kwargs))
@@ -151,4 +162,5 @@ def load_model(name: str | None = None, device: str = "cpu", registry: str | os.
     for p in model.parameters():
         p.requires_grad_(False)
     model.name = entry.name
+    model.adapt_modules = list(entry.adapt_modules)
     return model.to(device).eval(), entry
