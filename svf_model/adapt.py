@@ -80,7 +80,7 @@ def _resize(supports: torch.Tensor, masks: torch.Tensor, size: int | None) -> tu
     if size is None or size == supports.shape[-1]:
         return supports, masks
     x = F.interpolate(supports, (size, size), mode="bilinear", align_corners=False, antialias=True)
-    m = F.interpolate(masks[:, None], (size, size), mode="nearest")[:, 0]
+    m = F.interpolate(masks[:, None], (size, size), mode="nearest-exact")[:, 0]
     return x, m
 
 

@@ -37,7 +37,7 @@ def letterbox_mask(mask: np.ndarray, size: int, ignore: np.ndarray | None = None
     if ignore is not None:
         label[ignore.astype(bool)] = IGNORE
     t = torch.from_numpy(label)[None, None]
-    t = F.interpolate(t, (nh, nw), mode="nearest")[0, 0]
+    t = F.interpolate(t, (nh, nw), mode="nearest-exact")[0, 0]
     out = torch.full((size, size), float(IGNORE))
     out[:nh, :nw] = t
     return out

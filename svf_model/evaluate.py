@@ -1,0 +1,334 @@
+"""Few-shot evaluation on seeded episodes (PFENet/BAM protocol, see :mod:`svf_model.metrics`).
+
+Command line::
+
+    python -m svf_model.evaluate --model prototype-lite2 --data ../shared/data/fss-dev \\
+        --shots 1 --episodes 200 --seed 0 --size 417 --json results.json
+    python -m svf_model.evaluate --checkpoint runs/x/model.safetensors --data pascal \\
+        --data-root VOC2012 --fold 0 --shots 1 --episodes 1000 --adapt --json out.json
+
+Predictions go through :class:`svf_model.predictor.Predictor` (letterboxed to ``--size``) and are
+scored against the label at the query's original size. The JSON holds ``miou``/``fbiou`` (percent),
+``per_class`` (percent), ``episodes`` (IoU 0..1 each), timings, the trivial floors and the
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Coco20i, Episode, EpisodeSource, FSSFolder, Pascal5i, make_episodes
+from .metrics import FewShotMeter, trivial_meters
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# predictors
+
+
+class _LocalPredictor:
+    """Minimal stand-in with the Predictor API, used only if ``svf_model.predictor`` cannot be
+    imported: letterbox to ``image_size``, segment, resize back. No adaptation."""
+
+    def __init__(self, model: torch.nn.Module, image_size: int = 473, device: str | None = None) -> None:
+        from .preprocess import letterbox_image, letterbox_mask, unletterbox_logits
+
+        self._lb_image, self._lb_mask, self._unlb = letterbox_image, letterbox_mask, unletterbox_logits
+        self.device = torch.device(device or "cpu")
+        self.model = model.to(self.device).eval()
+        self.image_size = image_size
+        self._cache = None
+
+    def set_supports(self, images, masks, ignore=None) -> None:  # noqa: ANN001 - Predictor API
+        bb = self.model.backbone
+        xs = torch.stack([self._lb_image(i, self.image_size, bb.mean, bb.std) for i in images])
+        ms = torch.stack([self._lb_mask(np.asarray(m).astype(bool), self.image_size,
+                                        None if ignore is None else ignore[k]) for k, m in enumerate(masks)])
+        with torch.no_grad():
+            self._cache = self.model.encode_supports(xs[None].to(self.device), ms[None].to(self.device))
+
+    def predict(self, image: np.ndarray):  # noqa: ANN201 - Prediction-like
+        from types import SimpleNamespace
+
+        h, w = image.shape[:2]
+        x = self._lb_image(image, self.image_size, self.model.backbone.mean, self.model.backbone.std)
+        with torch.no_grad():
+            logits = self.model.segment(x[None].to(self.device), self._cache)
+        prob = self._unlb(logits, h, w).softmax(1)[0, 1].cpu().numpy().astype(np.float32)
+        return SimpleNamespace(mask=prob > 0.5, prob=prob)
+
+    def adapt(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        raise NotImplementedError("adaptation needs svf_model.predictor.Predictor")
+
+    def reset(self) -> None:
+        pass
+
+
+def make_predictor(model: torch.nn.Module, image_size: int = 473, device: str | None = None):  # noqa: ANN201
+    """A :class:`svf_model.predictor.Predictor` for ``model`` (or a minimal stand-in without it)."""
+    try:
+        from .predictor import Predictor
+    except ImportError as exc:  # the predictor's own dependencies may be missing in a partial checkout
+        logger.warning("svf_model.predictor unavailable (%s): using the minimal evaluation predictor", exc)
+        return _LocalPredictor(model, image_size, device)
+    return Predictor(model, image_size=image_size, device=device)
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model named by ``--model`` (registry, or a head name on ``--backbone``) or ``--checkpoint``
+    -> ``(model, info)``; ``info`` may hold ``image_size``."""
+    if args.checkpoint:
+        from .checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(args.checkpoint)
+        return model, {"image_size": int(meta["image_size"]) if "image_size" in meta else None, "meta": meta}
+    from .heads import build_head, list_heads
+
+    name = args.model
+    try:
+        from .registry import list_models, load_model
+
+        if name is None or name in list_models():
+            model, entry = load_model(name)
+            return model, {"image_size": entry.image_size, "name": entry.name}
+    except (ImportError, FileNotFoundError):
+        pass
+    if name in list_heads():
+        from .backbones import build_backbone
+        from .model import FewShotSegmenter
+
+        backbone = build_backbone(args.backbone).eval()
+        return FewShotSegmenter(backbone, build_head(name, backbone)), {"image_size": None}
+    raise SystemExit(f"unknown model {name!r}: give a registered model name, a head name or --checkpoint")
+
+
+def build_predictor(args: argparse.Namespace):  # noqa: ANN201
+    """Model + predictor from the command-line arguments (``args.size`` filled in if unset)."""
+    model, info = build_model(args)
+    if args.size is None:
+        args.size = info.get("image_size") or 473
+    return make_predictor(model, args.size, args.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def build_source(args: argparse.Namespace) -> EpisodeSource:
+    """``--data DIR|pascal|coco`` (+ ``--data-root``, ``--fold``, ``--classes``) -> episode source."""
+    if args.data in ("pascal", "coco"):
+        if not args.data_root:
+            raise SystemExit(f"--data {args.data} needs --data-root")
+        if args.data == "pascal":
+            return Pascal5i(args.data_root, args.fold, "val", list_file=args.list_file, index_cache=args.index_cache)
+        return Coco20i(args.data_root, args.fold, "val", class_split=args.coco_split, list_file=args.list_file,
+                       index_cache=args.index_cache)
+    return FSSFolder(args.data)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> None:  # noqa: ANN001
+    params = inspect.signature(predictor.adapt).parameters
+    if "config" in params:
+        from .adapt import AdaptConfig
+
+        kw = dict(options or {})
+        if steps is not None:
+            kw["steps"] = steps
+        predictor.adapt(AdaptConfig(**kw))
+    else:
+        predictor.adapt(steps=steps, **(options or {}))
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": float("nan"), "p90": float("nan")}
+    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+
+
+def evaluate(
+    predictor_or_factory,  # noqa: ANN001 - a Predictor or a zero-argument callable returning one
+    episodes: Sequence[Episode],
+    adapt: bool = False,
+    adapt_steps: int | None = None,
+    adapt_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    relpath: Callable[[str], str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a predictor on episodes.
+
+    Args:
+        predictor_or_factory: an object with ``set_supports``/``predict`` (and ``adapt``/``reset``
+            with ``adapt=True``), or a callable that returns one.
+        episodes: loaded episodes (e.g. an ``EpisodeSet``).
+        adapt: also adapt on each episode's supports; the scores are then those after adaptation,
+            and ``iou_before``/``miou_before``/``fbiou_before`` those without.
+        adapt_steps, adapt_options: passed to the predictor's ``adapt`` (``AdaptConfig`` fields).
+        relpath: maps paths for the report (e.g. ``source.relpath``).
+        config: stored as ``result["config"]``.
+
+    Returns:
+        ``{"miou", "fbiou", "per_class", "episodes", "seconds_per_episode", ["adapt_seconds",
+        "miou_before", "fbiou_before", "per_class_before"], "floors", "config"}`` (percentages
+        except per-episode IoU in 0..1).
+    """
+    from tqdm.auto import tqdm
+
+    predictor = predictor_or_factory if hasattr(predictor_or_factory, "predict") else predictor_or_factory()
+    relpath = relpath or (lambda p: p)
+    meter, before = FewShotMeter(), FewShotMeter()
+    records: list[dict[str, Any]] = []
+    labels: list[tuple[str, np.ndarray]] = []
+    infer_seconds: list[float] = []
+    adapt_seconds: list[float] = []
+    bar = tqdm(range(len(episodes)), desc="episodes", disable=not progress, dynamic_ncols=True)
+    for i in bar:
+        ep = episodes[i]
+        start = time.perf_counter()
+        predictor.set_supports(ep.supports, [m == 1 for m in ep.support_masks], [m == 255 for m in ep.support_masks])
+        pred = predictor.predict(ep.query).mask
+        record: dict[str, Any] = {
+            "class": ep.class_name,
+            "supports": [relpath(p) for p in ep.support_paths],
+            "query": relpath(ep.query_path),
+        }
+        if adapt:
+            record["iou_before"] = before.update(ep.class_name, pred, ep.query_mask)
+            t0 = time.perf_counter()
+            _adapt(predictor, adapt_steps, adapt_options)
+            adapt_seconds.append(time.perf_counter() - t0)
+            pred = predictor.predict(ep.query).mask
+            predictor.reset()
+        record["iou"] = meter.update(ep.class_name, pred, ep.query_mask)
+        if adapt:
+            record["iou_after"] = record["iou"]
+        infer_seconds.append(time.perf_counter() - start)
+        records.append(record)
+        labels.append((ep.class_name, ep.query_mask))
+        bar.set_postfix(mIoU=f"{100 * meter.miou:.1f}")
+    result: dict[str, Any] = {
+        **meter.summary(),
+        "episodes": records,
+        "seconds_per_episode": float(np.mean(infer_seconds)) if infer_seconds else float("nan"),
+    }
+    if adapt:
+        b = before.summary()
+        result.update(miou_before=b["miou"], fbiou_before=b["fbiou"], per_class_before=b["per_class"],
+                      adapt_seconds=_quantiles(adapt_seconds))
+    result["floors"] = {name: m.summary() for name, m in trivial_meters(labels).items()}
+    result["config"] = dict(config or {})
+    return result
+
+
+def evaluate_trivial(episodes: Sequence[Episode]) -> dict[str, dict[str, Any]]:
+    """Scores of the all-foreground and all-background predictors: ``{name: {"miou", "fbiou",
+    "per_class"}}`` in percent (the floors a real model must beat)."""
+    labels = [(ep.class_name, ep.query_mask) for ep in episodes]
+    return {name: m.summary() for name, m in trivial_meters(labels).items()}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Per-class IoU table with mIoU, FB-IoU, floors and timings."""
+    counts: dict[str, int] = {}
+    for r in result["episodes"]:
+        counts[r["class"]] = counts.get(r["class"], 0) + 1
+    width = max([len(c) for c in result["per_class"]] + [12])
+    has_before = "per_class_before" in result
+    head = f"{'class':<{width}}  {'episodes':>8}  {'IoU %':>7}" + (f"  {'before %':>8}" if has_before else "")
+    lines = [head, "-" * len(head)]
+    for c, v in sorted(result["per_class"].items()):
+        row = f"{c:<{width}}  {counts.get(c, 0):>8}  {v:>7.2f}"
+        if has_before:
+            row += f"  {result['per_class_before'][c]:>8.2f}"
+        lines.append(row)
+    lines.append("-" * len(head))
+    lines.append(f"{'mIoU':<{width}}  {len(result['episodes']):>8}  {result['miou']:>7.2f}"
+                 + (f"  {result['miou_before']:>8.2f}" if has_before else ""))
+    lines.append(f"{'FB-IoU':<{width}}  {'':>8}  {result['fbiou']:>7.2f}"
+                 + (f"  {result['fbiou_before']:>8.2f}" if has_before else ""))
+    for name, floor in result.get("floors", {}).items():
+        lines.append(f"floor {name}: mIoU {floor['miou']:.2f}, FB-IoU {floor['fbiou']:.2f}")
+    lines.append(f"seconds per episode: {result['seconds_per_episode']:.3f}")
+    if "adapt_seconds" in result:
+        a = result["adapt_seconds"]
+        lines.append(f"adaptation seconds: median {a['median']:.2f}, p90 {a['p90']:.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m svf_model.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="registered model name (default: the registry default) or a head "
+                                       "name (e.g. prototype) built on --backbone")
+    which.add_argument("--checkpoint", help="a model.safetensors written by svf_model.train")
+    p.add_argument("--backbone", default="efficientnet_lite2", help="backbone when --model is a head name")
+    p.add_argument("--data", required=True, help="an FSS-1000-layout folder, or 'pascal' / 'coco'")
+    p.add_argument("--data-root", help="dataset root for --data pascal/coco")
+    p.add_argument("--fold", type=int, default=0, help="PASCAL-5i / COCO-20i fold (0..3)")
+    p.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"],
+                   help="COCO-20i class split: interleaved = {4k+fold+1} (PFENet/BAM split COCO, HSNet); "
+                        "contiguous = 20*fold+1..20*fold+20 (PANet)")
+    p.add_argument("--list-file", help="explicit image list for pascal/coco")
+    p.add_argument("--index-cache", help="JSON cache of the pascal/coco label index")
+    p.add_argument("--classes", nargs="+", help="only these classes")
+    p.add_argument("--sampling", choices=["balanced", "class", "image"],
+                   help="episode sampling (default: balanced for folders, image for pascal/coco)")
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's, else 473)")
+    p.add_argument("--adapt", action="store_true", help="adapt the singular values on each episode's supports")
+    p.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = build_source(args)
+    episodes = make_episodes(source, args.episodes, args.shots, args.seed, args.classes, args.sampling)
+    predictor = build_predictor(args)
+    config = {k: v for k, v in vars(args).items() if k not in ("quiet",)}
+    config.update(sampling=args.sampling or source.default_mode, torch=torch.__version__,
+                  device_used=str(getattr(predictor, "device", args.device)), data_root_resolved=str(source.root))
+    result = evaluate(predictor, episodes, adapt=args.adapt, adapt_steps=args.adapt_steps,
+                      progress=not args.quiet, relpath=source.relpath, config=config)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
