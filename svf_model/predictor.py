@@ -215,7 +215,7 @@ class Predictor:
             finally:
                 after = svf_state(self.model.backbone)
                 set_svf_state(self.model.backbone, before)
-            if not result.cancelled:
+            if not result.cancelled and not result.skipped:
                 self._set_svf({k: v.detach().clone() for k, v in after.items()})
         return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -91,9 +93,19 @@ def test_cancel_keeps_previous_state(model, shots):
 def test_one_shot_views_and_progress(model, shots):
     p = _predictor(model, shots, k=1)
     seen = []
-    result = p.adapt(FAST, progress=seen.append)
+    result = p.adapt(dataclasses.replace(FAST, one_shot="views"), progress=seen.append)
     assert result.steps == 3 and [s.step for s in seen] == [1, 2, 3]
     assert all(np.isfinite(s.loss) and s.seconds >= 0 for s in seen)
+
+
+def test_one_shot_is_skipped_by_default_with_a_reason(model, shots):
+    p = _predictor(model, shots, k=1)
+    query = shots[3][0]
+    before = p.predict(query).prob
+    result = p.adapt(FAST)
+    assert result.steps == 0 and "at least 2 shots" in result.skipped
+    assert not p.adapted
+    np.testing.assert_array_equal(p.predict(query).prob, before)
 
 
 def test_sessions_are_isolated(model, shots):
