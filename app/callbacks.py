@@ -42,6 +42,13 @@ def _message(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__}: {exc}); the app keeps running, see the server log"
 
 
+def _as_user_error(fn: Callable, exc: Exception) -> gr.Error:
+    """The ``gr.Error`` shown for ``exc``; unexpected exceptions are also logged with their traceback."""
+    if not isinstance(exc, (InputError, CheckpointError)):
+        logger.exception("event %s failed", fn.__name__)
+    return gr.Error(_message(exc))
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn every exception of an event handler into a ``gr.Error`` with a readable message."""
     if inspect.isgeneratorfunction(fn):
@@ -52,10 +59,8 @@ def user_errors(fn: Callable) -> Callable:
                 yield from fn(*args, **kwargs)
             except gr.Error:
                 raise
-            except Exception as exc:  # noqa: BLE001 - shown to the user, logged with traceback
-                if not isinstance(exc, (InputError, CheckpointError)):
-                    logger.exception("event %s failed", fn.__name__)
-                raise gr.Error(_message(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                raise _as_user_error(fn, exc) from exc
 
         return gen_wrapper
 
@@ -65,10 +70,8 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except Exception as exc:  # noqa: BLE001 - shown to the user, logged with traceback
-            if not isinstance(exc, (InputError, CheckpointError)):
-                logger.exception("event %s failed", fn.__name__)
-            raise gr.Error(_message(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            raise _as_user_error(fn, exc) from exc
 
     return wrapper
 

@@ -14,6 +14,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+pytest_plugins = ["tests.app_server"]  # the `server` fixture of the app tests
+
 REPO = Path(__file__).resolve().parents[1]
 FSS_DEV = Path(os.environ.get("FSS_DEV", REPO.parent / "shared" / "data" / "fss-dev"))
 

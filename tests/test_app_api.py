@@ -4,44 +4,22 @@ on real photos, clear errors for bad inputs (and the app keeps serving), separat
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.app_server import IMAGE_SIZE
 from tests.helpers import iou
 
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-IMAGE_SIZE = int(os.environ.get("SVF_APP_IMAGE_SIZE", "193"))
 #: Measured with 2 horse shots at 193 px (prototype-lite2): IoU 0.59 and 0.73 on these queries,
 #: while predicting everything as foreground gets 0.18-0.33. The floor sits between.
 IOU_FLOOR = 0.40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    from app import ModelStore, build_demo
-
-    store = ModelStore(image_size=IMAGE_SIZE, device="cpu")
-    store.get()
-    demo = build_demo(store)
-    demo.queue(default_concurrency_limit=2)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-IMAGE_SIZE = int(os.environ.get("SVF_APP_IMAGE_SIZE", "193"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync", "--disable-quic"]
 #: Slow shared CI machines: generous waits (the happy path takes seconds on an idle 2-core machine).
@@ -31,22 +29,6 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-@pytest.fixture(scope="module")
-def server():
-    from app import ModelStore, build_demo
-
-    store = ModelStore(image_size=IMAGE_SIZE, device="cpu")
-    store.get()
-    demo = build_demo(store)
-    demo.queue(default_concurrency_limit=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 def _shot(page, name: str) -> None:
