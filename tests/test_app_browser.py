@@ -107,9 +107,17 @@ def test_paint_segment_adapt_and_cues_in_chromium(server, browser, fss_dev):
     # Stop a long adaptation: it ends early and leaves the singular values as they were.
     page.get_by_text("Advanced").click()
     steps = page.locator("#adapt-steps input[type=number]")
-    steps.fill("60")
-    steps.press("Enter")
-    expect(page.locator("#adapt-steps input[type=range]")).to_have_value("60")
+    slider = page.locator("#adapt-steps input[type=range]")
+    expect(steps).to_be_visible()
+    for _ in range(3):  # the accordion may still be opening when the first keystrokes arrive
+        steps.fill("60")
+        steps.press("Enter")
+        try:
+            expect(slider).to_have_value("60", timeout=5_000)
+            break
+        except AssertionError:
+            page.wait_for_timeout(500)
+    expect(slider).to_have_value("60")
     page.wait_for_timeout(500)
     page.locator("#adapt-btn").click()
     expect(page.locator("#adapt-progress")).to_contain_text(re.compile(r"step [1-9]\d*/60"))
