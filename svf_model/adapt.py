@@ -11,7 +11,6 @@ The head and everything else stay frozen; BatchNorms are frozen by :func:`svf_mo
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -298,6 +297,4 @@ def adapt_svf(
                     p.copy_(p0)
     model.train(was_training)
     result.seconds = time.perf_counter() - start
-    if not math.isfinite(result.seconds):
-        result.seconds = 0.0
     return result

@@ -48,3 +48,13 @@ def lite2():
     from svf_model import build_backbone
 
     return build_backbone("efficientnet_lite2").eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: on the shared 2-core machine, LAPACK's SVD and small convs
+    slow down several-fold when 2 threads share busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from svf_model.metrics import FewShotMeter
 CLASSES = ["horse", "video_dog", "video_cows", "street_sky"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads under load are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

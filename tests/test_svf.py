@@ -40,13 +40,7 @@ except ImportError:  # pragma: no cover
     Conv2dSame = ()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: LAPACK's SVD and small convs slow down several-fold when 2 threads share busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
