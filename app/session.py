@@ -28,6 +28,7 @@ from svf_model.registry import ModelEntry, list_models, load_model
 logger = logging.getLogger(__name__)
 
 MAX_SHOTS = 5
+MEMO_BYTES = 512 << 20  # feature memo of the loaded model (svf_model.feature_memo)
 
 
 @dataclass
@@ -66,6 +67,9 @@ class ModelStore:
             if name not in self._models:
                 start = time.perf_counter()
                 model, entry = load_model(name, device=str(self.device))
+                # supports and queries are encoded again after every Adapt and re-Segment: the
+                # memo keeps their frozen blocks' features (shared by sessions, LRU, content-keyed)
+                model.backbone.enable_memo(MEMO_BYTES)
                 size = self.image_size or entry.image_size
                 self._models[name] = LoadedModel(model, entry, size, time.perf_counter() - start)
                 logger.info("loaded model %s in %.1f s (image size %d)", name, time.perf_counter() - start, size)

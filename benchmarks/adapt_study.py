@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -33,10 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svf_model.adapt import AdaptConfig, adapt_svf  # noqa: E402
+from svf_model.adapt import AdaptConfig, adapt_svf, adapted_layers  # noqa: E402
 from svf_model.data.episodes import make_episodes  # noqa: E402
 from svf_model.data.fss_folder import FSSFolder, list_classes, split_classes  # noqa: E402
+from svf_model.imageio import load_image  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
+from svf_model.preprocess import letterbox_image, unletterbox_logits  # noqa: E402
 from svf_model.registry import load_model  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
@@ -62,6 +65,26 @@ def iou(pred: np.ndarray, label: np.ndarray) -> float:
     return float((p & fg).sum() / union) if union else 1.0
 
 
+def adapt_other_target(model, predictor: Predictor, config: AdaptConfig, query) -> np.ndarray:  # noqa: ANN001
+    """Adapt ``config.target`` (``bn``/``full``) of the registry's adapt modules on the predictor's
+    supports, segment ``query`` with the adapted model, then put the original blocks back."""
+    config = dataclasses.replace(config, modules=config.modules or list(model.adapt_modules))
+    paths = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, config.modules)})
+    originals = {p: copy.deepcopy(model.backbone.get_submodule(p)) for p in paths}
+    try:
+        adapt_svf(model, predictor._supports, predictor._support_masks, config)
+        img = load_image(query)
+        x = letterbox_image(img, predictor.image_size, model.backbone.mean, model.backbone.std)
+        with torch.no_grad():
+            cache = model.encode_supports(predictor._supports[None], predictor._support_masks[None])
+            logits = model.segment(x[None], cache)
+        return unletterbox_logits(logits, *img.shape[:2]).softmax(1)[0, 1].numpy() > 0.5
+    finally:
+        for path, block in originals.items():
+            parent, _, child = path.rpartition(".")
+            setattr(model.backbone.get_submodule(parent), child, block)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA))
@@ -72,15 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's)")
     ap.add_argument("--variants", nargs="+", default=["svf"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memo-gb", type=float, default=3.0, help="feature memo budget (see svf_model.feature_memo)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, entry = load_model(args.model)
-    pristine = copy.deepcopy(model.cpu())  # for the comparison targets, which fold and retrain blocks
-    for attr in ("_predictor_lock", "_svf_base_state"):
-        pristine.__dict__.pop(attr, None)
     size = args.size or entry.image_size
     _, held_out = split_classes(list_classes(args.data), 0.2, 0)
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)
@@ -88,30 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(model, image_size=size, model_name=entry.name)
     rows: dict[str, list[dict]] = {name: [] for name, _ in variants}
     start = time.perf_counter()
-    for i in range(len(episodes)):
-        ep = episodes[i]
-        predictor.set_supports(ep.supports, [m == 1 for m in ep.support_masks], [m == 255 for m in ep.support_masks])
-        before = iou(predictor.predict(ep.query).mask, ep.query_mask)
-        for name, config in variants:
-            t0 = time.perf_counter()
-            if config.target == "svf":
-                predictor.adapt(config)
-                after = iou(predictor.predict(ep.query).mask, ep.query_mask)
-                predictor.reset()
-            else:
-                clone = copy.deepcopy(pristine)
-                other = Predictor(clone, image_size=size)
-                other.set_supports(ep.supports, [m == 1 for m in ep.support_masks],
+    # one model for every variant; the memo re-uses the frozen blocks' features of images seen before
+    with model.backbone.memoize(int(args.memo_gb * (1 << 30))):
+        for i in range(len(episodes)):
+            ep = episodes[i]
+            predictor.set_supports(ep.supports, [m == 1 for m in ep.support_masks],
                                    [m == 255 for m in ep.support_masks])
-                adapt_svf(clone, other._supports, other._support_masks, config)
-                other._base, other._cache = {}, None
-                after = iou(other.predict(ep.query).mask, ep.query_mask)
-            rows[name].append({"class": ep.class_name, "iou_before": before, "iou_after": after,
-                               "seconds": time.perf_counter() - t0})
-        done = i + 1
-        means = "  ".join(f"{n}: {np.mean([r['iou_after'] - r['iou_before'] for r in rows[n]]) * 100:+.2f}"
-                          for n, _ in variants)
-        print(f"[{done}/{len(episodes)}] {time.perf_counter() - start:.0f}s  {means}", file=sys.stderr, flush=True)
+            before = iou(predictor.predict(ep.query).mask, ep.query_mask)
+            for name, config in variants:
+                t0 = time.perf_counter()
+                if config.target == "svf":
+                    predictor.adapt(config)
+                    after = iou(predictor.predict(ep.query).mask, ep.query_mask)
+                    predictor.reset()
+                else:
+                    after = iou(adapt_other_target(model, predictor, config, ep.query), ep.query_mask)
+                rows[name].append({"class": ep.class_name, "iou_before": before, "iou_after": after,
+                                   "seconds": time.perf_counter() - t0})
+            means = "  ".join(f"{n}: {np.mean([r['iou_after'] - r['iou_before'] for r in rows[n]]) * 100:+.2f}"
+                              for n, _ in variants)
+            print(f"[{i + 1}/{len(episodes)}] {time.perf_counter() - start:.0f}s  {means}", file=sys.stderr,
+                  flush=True)
 
     summary = {}
     print(f"\n{args.shots}-shot, {len(episodes)} episodes of {len(held_out)} held-out classes, model "

@@ -19,8 +19,8 @@ def _load(name: str) -> dict | None:
 
 
 def accuracy_table() -> str:
-    rows = ["| shots | episodes | model | mIoU | FB-IoU | paired change vs prototype-lite2 (pts, mean +- s.e.) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| shots | episodes | model | mIoU | FB-IoU | paired change vs prototype-lite2 (pts, mean +- s.e.) "
+            "| classes improved |", "|---|---|---|---|---|---|---|"]
     for shots in (1, 5):
         base = _load(f"eval_prototype_{shots}shot.json")
         svf = _load(f"eval_proto_svf_{shots}shot.json")
@@ -29,15 +29,35 @@ def accuracy_table() -> str:
         n = len(base["episodes"])
         for label, floor in (("all-foreground floor", "all_foreground"), ("all-background floor", "all_background")):
             f = base["floors"][floor]
-            rows.append(f"| {shots} | {n} | {label} | {f['miou']:.1f} | {f['fbiou']:.1f} | |")
-        rows.append(f"| {shots} | {n} | `prototype-lite2` (training-free) | {base['miou']:.1f} | {base['fbiou']:.1f} | |")
-        if svf is not None:
-            same = [a["query"] for a in base["episodes"]] == [b["query"] for b in svf["episodes"]]
-            d = np.array([b["iou"] - a["iou"] for a, b in zip(base["episodes"], svf["episodes"], strict=True)]) * 100
-            paired = f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} ({(d > 0).sum()} better, " \
-                     f"{(d < 0).sum()} worse)" if same else "episodes differ"
-            rows.append(f"| {shots} | {n} | **`prototype-svf-lite2`** (SVF-trained, shipped) | **{svf['miou']:.1f}** | "
-                        f"**{svf['fbiou']:.1f}** | {paired} |")
+            rows.append(f"| {shots} | {n} | {label} | {f['miou']:.1f} | {f['fbiou']:.1f} | | |")
+        rows.append(f"| {shots} | {n} | `prototype-lite2` (training-free) | {base['miou']:.1f} | "
+                    f"{base['fbiou']:.1f} | | |")
+        if svf is None:
+            continue
+        same = [a["query"] for a in base["episodes"]] == [b["query"] for b in svf["episodes"]]
+        pairs = zip(base["episodes"], svf["episodes"], strict=True)
+        d = np.array([b["iou"] - a["iou"] for a, b in pairs]) * 100
+        paired = (f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} ({(d > 0).sum()} better, "
+                  f"{(d < 0).sum()} worse)") if same else "episodes differ"
+        better = sum(svf["per_class"][c] > v for c, v in base["per_class"].items())
+        rows.append(f"| {shots} | {n} | **`prototype-svf-lite2`** (SVF-trained, shipped) | **{svf['miou']:.1f}** | "
+                    f"**{svf['fbiou']:.1f}** | {paired} | {better} of {len(base['per_class'])} |")
+    return "\n".join(rows)
+
+
+def adapted_evaluation_table() -> str:
+    """The ``evaluate --adapt`` runs (``eval_adapt_*.json``): the defaults, many episodes."""
+    rows = ["| shots | episodes | mIoU before -> after | FB-IoU before -> after | IoU change per episode (pts, "
+            "mean +- s.d., s.e.) | losing > 5 pts | gaining > 5 pts | adaptation s (median / p90) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in sorted(RESULTS.glob("eval_adapt_*.json")):
+        r = json.loads(name.read_text())
+        d = np.array([e["iou_after"] - e["iou_before"] for e in r["episodes"]]) * 100
+        sec = r["adapt_seconds"]
+        rows.append(f"| {r['config']['shots']} | {len(d)} | {r['miou_before']:.1f} -> {r['miou']:.1f} | "
+                    f"{r['fbiou_before']:.1f} -> {r['fbiou']:.1f} | {d.mean():+.2f} +- {d.std(ddof=1):.2f} "
+                    f"(s.e. {d.std(ddof=1) / np.sqrt(len(d)):.2f}) | {100 * (d < -5).mean():.1f}% | "
+                    f"{100 * (d > 5).mean():.1f}% | {sec['median']:.1f} / {sec['p90']:.1f} |")
     return "\n".join(rows)
 
 
@@ -47,14 +67,18 @@ def adaptation_table() -> str:
     for name in sorted(RESULTS.glob("adapt_study_*.json")):
         data = json.loads(name.read_text())
         for variant, v in data["variants"].items():
-            rows.append(f"| {data['shots']} | {data['model']} | `{variant}` | {data['episodes']} | {v['mean_before']:.1f} | "
-                        f"{v['mean_after']:.1f} | {v['mean_change']:+.2f} | {v['std_change']:.2f} | {v['se_change']:.2f} | "
-                        f"{100 * v['share_losing_5pts']:.0f}% | {v['seconds']['median']:.1f} | {v['seconds']['p90']:.1f} |")
+            sec = v["seconds"]
+            rows.append(f"| {data['shots']} | {data['model']} | `{variant}` | {data['episodes']} | "
+                        f"{v['mean_before']:.1f} | {v['mean_after']:.1f} | {v['mean_change']:+.2f} | "
+                        f"{v['std_change']:.2f} | {v['se_change']:.2f} | {100 * v['share_losing_5pts']:.0f}% | "
+                        f"{sec['median']:.1f} | {sec['p90']:.1f} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
     print("### Accuracy\n")
     print(accuracy_table())
-    print("\n### Adaptation\n")
+    print("\n### Adaptation with the defaults\n")
+    print(adapted_evaluation_table())
+    print("\n### Adaptation variants on the same episodes\n")
     print(adaptation_table())

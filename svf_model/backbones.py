@@ -12,6 +12,7 @@ them the same way (``backbone.layer3``). Weights:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .feature_memo import FeatureMemo
 from .weights import load_state_dict_file
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class Backbone(nn.Module):
         self.mean = mean
         self.std = std
         self.pretrained = False
-        self._prefix_cache: dict[int, tuple] | None = None
+        self._memo: FeatureMemo | None = None
 
     def stages(self, names: list[str] | tuple[str, ...]) -> list[nn.Module]:
         """The stage modules with these names, e.g. ``["layer3", "layer4"]``."""
@@ -84,48 +86,51 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x [B, 3, H, W]`` normalised -> ``{stage: [B, C_stage, H/s, W/s]}``."""
-        if self._prefix_cache is None:
+        if self._memo is None:
             feats = {}
             for name in STAGES:
                 x = getattr(self, name)(x)
                 feats[name] = x
             return feats
-        return self._forward_with_prefix_cache(x)
+        return self._memo.forward(self.units(), x)
 
     @contextlib.contextmanager
-    def frozen_prefix_cache(self) -> Iterator[None]:
-        """While active, the blocks before the first one with a trainable parameter run once per
-        input tensor (same object): later calls start from their cached output. Used by
-        adaptation, whose inputs are fixed and only late blocks train."""
-        self._prefix_cache = {}
+    def memoize(self, max_bytes: int = 1 << 30) -> Iterator[FeatureMemo]:
+        """While active, images seen before skip the blocks whose weights have not changed since
+        and that precede the first trainable block (see :mod:`svf_model.feature_memo`). Nested
+        calls share the outer memo; :meth:`enable_memo` keeps one for the backbone's lifetime."""
+        if self._memo is not None:
+            yield self._memo
+            return
+        self._memo = FeatureMemo(max_bytes)
+        try:
+            yield self._memo
+        finally:
+            self._memo = None
+
+    def enable_memo(self, max_bytes: int = 1 << 30) -> FeatureMemo:
+        """Keep a memo for the backbone's lifetime (e.g. an app serving sessions); returns it."""
+        if self._memo is None or self._memo.max_bytes != max_bytes:
+            self._memo = FeatureMemo(max_bytes)
+        return self._memo
+
+    @contextlib.contextmanager
+    def memo_paused(self) -> Iterator[None]:
+        """Run every block for real (e.g. so forward hooks on early blocks fire), memo kept."""
+        saved, self._memo = self._memo, None
         try:
             yield
         finally:
-            self._prefix_cache = None
+            self._memo = saved
 
-    def _forward_with_prefix_cache(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        units = self.units()
-        cut = next((i for i, (_, m) in enumerate(units) if any(p.requires_grad for p in m.parameters())),
-                   len(units))
-        entry = self._prefix_cache.get(id(x))
-        if entry is None or entry[0] is not x:
-            feats: dict[str, torch.Tensor] = {}
-            h = x
-            with torch.no_grad():
-                for i, (stage, block) in enumerate(units[:cut]):
-                    h = block(h)
-                    if i + 1 == len(units) or units[i + 1][0] != stage:
-                        feats[stage] = h
-            entry = (x, feats, h)
-            self._prefix_cache[id(x)] = entry
-        _, cached, h = entry
-        feats = dict(cached)
-        for i in range(cut, len(units)):
-            stage, block = units[i]
-            h = block(h)
-            if i + 1 == len(units) or units[i + 1][0] != stage:
-                feats[stage] = h
-        return feats
+    def __deepcopy__(self, memo: dict) -> Backbone:
+        # a copy has its own weights, so entries of this backbone's memo would never match there
+        state = self.__dict__.copy()
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in state.items():
+            clone.__dict__[key] = None if key == "_memo" else copy.deepcopy(value, memo)
+        return clone
 
     def normalize(self, rgb01: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` RGB in ``[0, 1]`` -> normalised input."""

@@ -99,8 +99,12 @@ def set_svf_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if tensor.shape != (layer.rank,):
             raise ValueError(f"{name}: state has shape {tuple(tensor.shape)}, the layer has rank {layer.rank}")
         if kind == _trainable_key(layer):
-            with torch.no_grad():
-                layer.sv.trainable.copy_(tensor)
+            current = layer.sv.trainable
+            # unchanged values are not rewritten: that would bump their version and drop caches
+            # keyed on it (folded weights, the backbone's feature memo)
+            if not torch.equal(current.detach(), tensor.to(current)):
+                with torch.no_grad():
+                    current.copy_(tensor)
         else:
             s0 = layer.sv.s0.to(tensor)
             _set_singular_values(name, layer, s0 * torch.exp(tensor) if kind == "d" else tensor)

@@ -16,6 +16,7 @@ configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -156,6 +157,17 @@ def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> None
         predictor.adapt(steps=steps, **(options or {}))
 
 
+def adaptation_change(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per-episode IoU change of adaptation, in points: ``{"mean", "std", "se", "share_losing_5pts",
+    "share_gaining_5pts", "episodes"}`` from records holding ``iou_before`` and ``iou_after`` (0..1)."""
+    d = np.array([r["iou_after"] - r["iou_before"] for r in records], dtype=np.float64) * 100
+    n = len(d)
+    std = float(d.std(ddof=1)) if n > 1 else 0.0
+    return {"mean": float(d.mean()) if n else float("nan"), "std": std, "se": std / np.sqrt(n) if n else 0.0,
+            "share_losing_5pts": float((d < -5).mean()) if n else 0.0,
+            "share_gaining_5pts": float((d > 5).mean()) if n else 0.0, "episodes": n}
+
+
 def _quantiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"median": float("nan"), "p90": float("nan")}
@@ -171,6 +183,7 @@ def evaluate(
     progress: bool = True,
     relpath: Callable[[str], str] | None = None,
     config: dict[str, Any] | None = None,
+    memo_bytes: int = 2 << 30,
 ) -> dict[str, Any]:
     """Evaluate a predictor on episodes.
 
@@ -183,10 +196,13 @@ def evaluate(
         adapt_steps, adapt_options: passed to the predictor's ``adapt`` (``AdaptConfig`` fields).
         relpath: maps paths for the report (e.g. ``source.relpath``).
         config: stored as ``result["config"]``.
+        memo_bytes: budget of the backbone's feature memo (:mod:`svf_model.feature_memo`): an
+            image used by several episodes is encoded once while the weights are unchanged
+            (0 disables it; results are the same up to float rounding).
 
     Returns:
         ``{"miou", "fbiou", "per_class", "episodes", "seconds_per_episode", ["adapt_seconds",
-        "miou_before", "fbiou_before", "per_class_before"], "floors", "config"}`` (percentages
+        "adapt_change", "miou_before", "fbiou_before", "per_class_before"], "floors", "config"}`` (percentages
         except per-episode IoU in 0..1).
     """
     from tqdm.auto import tqdm
@@ -199,30 +215,36 @@ def evaluate(
     infer_seconds: list[float] = []
     adapt_seconds: list[float] = []
     bar = tqdm(range(len(episodes)), desc="episodes", disable=not progress, dynamic_ncols=True)
-    for i in bar:
-        ep = episodes[i]
-        start = time.perf_counter()
-        predictor.set_supports(ep.supports, [m == 1 for m in ep.support_masks], [m == 255 for m in ep.support_masks])
-        pred = predictor.predict(ep.query).mask
-        record: dict[str, Any] = {
-            "class": ep.class_name,
-            "supports": [relpath(p) for p in ep.support_paths],
-            "query": relpath(ep.query_path),
-        }
-        if adapt:
-            record["iou_before"] = before.update(ep.class_name, pred, ep.query_mask)
-            t0 = time.perf_counter()
-            _adapt(predictor, adapt_steps, adapt_options)
-            adapt_seconds.append(time.perf_counter() - t0)
+    backbone = getattr(getattr(predictor, "model", None), "backbone", None)
+    memo_scope = contextlib.ExitStack()
+    if memo_bytes and hasattr(backbone, "memoize"):
+        memo_scope.enter_context(backbone.memoize(memo_bytes))
+    with memo_scope:
+        for i in bar:
+            ep = episodes[i]
+            start = time.perf_counter()
+            fg, ignore = [m == 1 for m in ep.support_masks], [m == 255 for m in ep.support_masks]
+            predictor.set_supports(ep.supports, fg, ignore)
             pred = predictor.predict(ep.query).mask
-            predictor.reset()
-        record["iou"] = meter.update(ep.class_name, pred, ep.query_mask)
-        if adapt:
-            record["iou_after"] = record["iou"]
-        infer_seconds.append(time.perf_counter() - start)
-        records.append(record)
-        labels.append((ep.class_name, ep.query_mask))
-        bar.set_postfix(mIoU=f"{100 * meter.miou:.1f}")
+            record: dict[str, Any] = {
+                "class": ep.class_name,
+                "supports": [relpath(p) for p in ep.support_paths],
+                "query": relpath(ep.query_path),
+            }
+            if adapt:
+                record["iou_before"] = before.update(ep.class_name, pred, ep.query_mask)
+                t0 = time.perf_counter()
+                _adapt(predictor, adapt_steps, adapt_options)
+                adapt_seconds.append(time.perf_counter() - t0)
+                pred = predictor.predict(ep.query).mask
+                predictor.reset()
+            record["iou"] = meter.update(ep.class_name, pred, ep.query_mask)
+            if adapt:
+                record["iou_after"] = record["iou"]
+            infer_seconds.append(time.perf_counter() - start)
+            records.append(record)
+            labels.append((ep.class_name, ep.query_mask))
+            bar.set_postfix(mIoU=f"{100 * meter.miou:.1f}")
     result: dict[str, Any] = {
         **meter.summary(),
         "episodes": records,
@@ -231,7 +253,7 @@ def evaluate(
     if adapt:
         b = before.summary()
         result.update(miou_before=b["miou"], fbiou_before=b["fbiou"], per_class_before=b["per_class"],
-                      adapt_seconds=_quantiles(adapt_seconds))
+                      adapt_seconds=_quantiles(adapt_seconds), adapt_change=adaptation_change(records))
     result["floors"] = {name: m.summary() for name, m in trivial_meters(labels).items()}
     result["config"] = dict(config or {})
     return result
@@ -269,6 +291,10 @@ def format_table(result: dict[str, Any]) -> str:
     if "adapt_seconds" in result:
         a = result["adapt_seconds"]
         lines.append(f"adaptation seconds: median {a['median']:.2f}, p90 {a['p90']:.2f}")
+    if "adapt_change" in result:
+        c = result["adapt_change"]
+        lines.append(f"IoU change per episode (pts): mean {c['mean']:+.2f}, s.d. {c['std']:.2f}, s.e. {c['se']:.2f}; "
+                     f"{100 * c['share_losing_5pts']:.1f}% lose > 5 pts, {100 * c['share_gaining_5pts']:.1f}% gain > 5")
     return "\n".join(lines)
 
 
@@ -305,6 +331,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--memo-gb", type=float, default=2.0,
+                   help="feature memo budget: images shared by episodes are encoded once (0: off)")
     return p.parse_args(argv)
 
 
@@ -320,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config.update(sampling=args.sampling or source.default_mode, torch=torch.__version__,
                   device_used=str(getattr(predictor, "device", args.device)), data_root_resolved=str(source.root))
     result = evaluate(predictor, episodes, adapt=args.adapt, adapt_steps=args.adapt_steps,
-                      progress=not args.quiet, relpath=source.relpath, config=config)
+                      progress=not args.quiet, relpath=source.relpath, config=config,
+                      memo_bytes=int(args.memo_gb * (1 << 30)))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

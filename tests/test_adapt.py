@@ -140,3 +140,29 @@ def test_delta_of_another_backbone_is_refused(model, shots, tmp_path):
     with pytest.raises(CheckpointError):
         p.import_svf(str(path))
     assert not p.adapted
+
+
+def test_balanced_loss_weighs_foreground_and_background_equally():
+    """With ``loss="balanced"`` a small object counts as much as its background; 255 is ignored."""
+    from svf_model.adapt import episode_loss
+
+    class Fixed:
+        def __init__(self, logits):
+            self.logits = logits
+
+        def cross_logits(self, backbone, support, mask, views):  # noqa: ANN001, ANN201
+            return self.logits
+
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[:, 1] = 2.0  # every pixel says foreground
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 0, 0] = 1  # one foreground pixel
+    target[0, 3, 3] = 255
+    model = type("M", (), {"head": Fixed(logits), "backbone": None})()
+    episode = (None, None, None, target)
+    pixel = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")[0]
+    fg, bg = pixel[target[0] == 1].mean(), pixel[target[0] == 0].mean()
+    torch.testing.assert_close(episode_loss(model, episode, "balanced"), (fg + bg) / 2)
+    torch.testing.assert_close(episode_loss(model, episode, "ce"), (pixel[target[0] != 255]).mean())
+    # the one (well predicted) foreground pixel weighs as much as the 14 (wrong) background pixels
+    assert episode_loss(model, episode, "balanced") < 0.6 * episode_loss(model, episode, "ce")

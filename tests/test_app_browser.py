@@ -112,6 +112,7 @@ def test_paint_segment_adapt_and_cues_in_chromium(server, browser, fss_dev):
     for _ in range(3):  # the accordion may still be opening when the first keystrokes arrive
         steps.fill("60")
         steps.press("Enter")
+        steps.blur()  # the slider sends its value to the server on change/blur
         try:
             expect(slider).to_have_value("60", timeout=5_000)
             break

@@ -121,6 +121,9 @@ def test_adapt_records_before_and_after(fss_dev):
         assert ep["iou"] == ep["iou_after"] == 1.0
         assert ep["iou_before"] == pytest.approx(0.5, abs=0.05)
     assert result["miou"] == 100.0 and result["miou_before"] == pytest.approx(50, abs=5)
+    change = result["adapt_change"]  # every episode went from about 0.5 to 1.0
+    assert change["episodes"] == 3 and change["mean"] == pytest.approx(50, abs=5)
+    assert change["share_gaining_5pts"] == 1.0 and change["share_losing_5pts"] == 0.0
 
 
 def test_real_adaptation_if_available(fss_dev):
