@@ -97,7 +97,7 @@ class Backbone(nn.Module):
     @contextlib.contextmanager
     def memoize(self, max_bytes: int = 1 << 30) -> Iterator[FeatureMemo]:
         """While active, images seen before skip the blocks whose weights have not changed since
-        and that precede the first trainable block (see :mod:`svf_model.feature_memo`). Nested
+        and that precede the first trainable or hooked block (see :mod:`svf_model.feature_memo`). Nested
         calls share the outer memo; :meth:`enable_memo` keeps one for the backbone's lifetime."""
         if self._memo is not None:
             yield self._memo
@@ -113,15 +113,6 @@ class Backbone(nn.Module):
         if self._memo is None or self._memo.max_bytes != max_bytes:
             self._memo = FeatureMemo(max_bytes)
         return self._memo
-
-    @contextlib.contextmanager
-    def memo_paused(self) -> Iterator[None]:
-        """Run every block for real (e.g. so forward hooks on early blocks fire), memo kept."""
-        saved, self._memo = self._memo, None
-        try:
-            yield
-        finally:
-            self._memo = saved
 
     def __deepcopy__(self, memo: dict) -> Backbone:
         # a copy has its own weights, so entries of this backbone's memo would never match there

@@ -118,8 +118,7 @@ def cue_maps(
 
     handle = layer.register_forward_pre_hook(hook)
     try:
-        with backbone.memo_paused():  # a memo hit would skip the hooked layer
-            backbone(image)
+        backbone(image)
     finally:
         handle.remove()
     resp = layer.components(captured["x"])[:, components].abs().float()  # [1, k, h8, w8]

@@ -4,7 +4,7 @@ A few-shot session pushes the same images through the backbone again and again: 
 evaluation episode re-uses images of its class, adaptation runs the supports at every step, and
 after adapting the supports and queries are encoded again although only the last block changed.
 :class:`FeatureMemo` remembers, per input image, the output of the blocks that ran *before the
-first block with a trainable parameter* (the "cut"), keyed by
+first block that trains or carries a forward hook* (the "cut"), keyed by
 
 * a digest of the image tensor's bytes (shape, dtype, device and autocast state included), and
 * a fingerprint of those blocks' weights: ``(id, version)`` of every parameter and buffer, so any
@@ -99,11 +99,11 @@ class FeatureMemo:
     def forward(self, units: Units, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run ``units`` (``[(stage, block)]`` in order) on ``x [B, 3, H, W]`` -> ``{stage: features}``.
 
-        Blocks before the first one with a trainable parameter run without gradient, per image,
-        through the memo; the rest run live on the whole batch (with gradient if enabled).
+        Blocks before the first one that trains or carries a forward hook run without gradient, per
+        image, through the memo; the rest run live on the whole batch (with gradient if enabled), so
+        hooks always fire.
         """
-        cut = next((i for i, (_, m) in enumerate(units) if any(p.requires_grad for p in m.parameters())),
-                   len(units))
+        cut = next((i for i, (_, m) in enumerate(units) if _must_run(m)), len(units))
         if cut == 0 or x.requires_grad:
             feats = _run(units, 0, len(units), x, {})
             feats.pop("__h__")
@@ -161,6 +161,13 @@ class FeatureMemo:
         feats = _run(units, cut, len(units), h, feats)
         feats.pop("__h__")
         return feats
+
+
+def _must_run(block: nn.Module) -> bool:
+    """A block that cannot be served from the memo: it trains, or something listens to its forward."""
+    return any(p.requires_grad for p in block.parameters()) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in block.modules()
+    )
 
 
 def _run(
