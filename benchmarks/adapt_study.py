@@ -13,7 +13,8 @@ Usage::
     python benchmarks/adapt_study.py --shots 5 --episodes 100 --variants svf:lr=0.01 bn full \\
         --json benchmarks/results/adapt_5shot.json
 
-A variant is ``target[:key=value,...]`` with ``AdaptConfig`` fields (``steps``, ``lr``, ...).
+A variant is ``target[:key=value,...]`` with ``AdaptConfig`` fields (``steps``, ``lr``, ...;
+``modules=layer4+layer3.5`` lists module paths).
 Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
 that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
 """
@@ -51,6 +52,9 @@ def parse_variant(text: str) -> tuple[str, AdaptConfig]:
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         field_type = type(getattr(AdaptConfig(), key))
+        if key == "modules":  # e.g. modules=layer4+layer3.5
+            kwargs[key] = value.split("+")
+            continue
         kwargs[key] = value if field_type is str else (None if value == "none" else float(value))
         if key in ("steps", "views", "seed", "image_size") and kwargs[key] is not None:
             kwargs[key] = int(kwargs[key])

@@ -18,43 +18,61 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# (file key, label): benchmarks/results/eval_{key}_{shots}shot.json, all on the same seeded episodes.
+MODELS = [
+    ("prototype", "`prototype-lite2`: prototypes, frozen backbone (training-free)"),
+    ("proto_svf", "`prototype-svf-lite2`: prototypes + SVF layer4, no augmentation (previous default)"),
+    ("aug_proto_svf", "prototypes + SVF layer4, augmentation"),
+    ("aug_proto_svf34", "prototypes + SVF layer3-4, augmentation"),
+    ("refine_frozen", "learned head, frozen backbone"),
+    ("refine_frozen_bal", "learned head, frozen backbone, balanced loss"),
+    ("refine_svf", "learned head + SVF layer4, trained together"),
+    ("shipped", "`refine-svf-lite2`: learned head (from 2 shots) + SVF layer4"),
+]
+SHIPPED = "shipped"
+
+
 def accuracy_table() -> str:
-    rows = ["| shots | episodes | model | mIoU | FB-IoU | paired change vs prototype-lite2 (pts, mean +- s.e.) "
+    rows = ["| shots | episodes | model | mIoU | FB-IoU | paired change vs training-free (pts, mean +- s.e.) "
             "| classes improved |", "|---|---|---|---|---|---|---|"]
     for shots in (1, 5):
         base = _load(f"eval_prototype_{shots}shot.json")
-        svf = _load(f"eval_proto_svf_{shots}shot.json")
         if base is None:
             continue
         n = len(base["episodes"])
         for label, floor in (("all-foreground floor", "all_foreground"), ("all-background floor", "all_background")):
             f = base["floors"][floor]
             rows.append(f"| {shots} | {n} | {label} | {f['miou']:.1f} | {f['fbiou']:.1f} | | |")
-        rows.append(f"| {shots} | {n} | `prototype-lite2` (training-free) | {base['miou']:.1f} | "
-                    f"{base['fbiou']:.1f} | | |")
-        if svf is None:
-            continue
-        same = [a["query"] for a in base["episodes"]] == [b["query"] for b in svf["episodes"]]
-        pairs = zip(base["episodes"], svf["episodes"], strict=True)
-        d = np.array([b["iou"] - a["iou"] for a, b in pairs]) * 100
-        paired = (f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} ({(d > 0).sum()} better, "
-                  f"{(d < 0).sum()} worse)") if same else "episodes differ"
-        better = sum(svf["per_class"][c] > v for c, v in base["per_class"].items())
-        rows.append(f"| {shots} | {n} | **`prototype-svf-lite2`** (SVF-trained, shipped) | **{svf['miou']:.1f}** | "
-                    f"**{svf['fbiou']:.1f}** | {paired} | {better} of {len(base['per_class'])} |")
+        for key, label in MODELS:
+            r = _load(f"eval_{key}_{shots}shot.json")
+            if r is None:
+                continue
+            paired = better = ""
+            if key != "prototype":
+                same = [a["query"] for a in base["episodes"]] == [b["query"] for b in r["episodes"]]
+                d = np.array([b["iou"] - a["iou"] for a, b in zip(base["episodes"], r["episodes"], strict=True)]) * 100
+                paired = (f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} ({(d > 0).sum()} better, "
+                          f"{(d < 0).sum()} worse)") if same else "episodes differ"
+                improved = sum(r["per_class"][c] > v for c, v in base["per_class"].items())
+                better = f"{improved} of {len(base['per_class'])}"
+            miou, fb = f"{r['miou']:.1f}", f"{r['fbiou']:.1f}"
+            if key == SHIPPED:
+                label, miou, fb = f"**{label} (shipped)**", f"**{miou}**", f"**{fb}**"
+            rows.append(f"| {shots} | {len(r['episodes'])} | {label} | {miou} | {fb} | {paired} | {better} |")
     return "\n".join(rows)
 
 
 def adapted_evaluation_table() -> str:
     """The ``evaluate --adapt`` runs (``eval_adapt_*.json``): the defaults, many episodes."""
-    rows = ["| shots | episodes | mIoU before -> after | FB-IoU before -> after | IoU change per episode (pts, "
+    rows = ["| model | shots | episodes | mIoU before -> after | FB-IoU before -> after | IoU change per episode (pts, "
             "mean +- s.d., s.e.) | losing > 5 pts | gaining > 5 pts | adaptation s (median / p90) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(RESULTS.glob("eval_adapt_*.json")):
         r = json.loads(name.read_text())
         d = np.array([e["iou_after"] - e["iou_before"] for e in r["episodes"]]) * 100
         sec = r["adapt_seconds"]
-        rows.append(f"| {r['config']['shots']} | {len(d)} | {r['miou_before']:.1f} -> {r['miou']:.1f} | "
+        model = r["config"]["model"] or Path(r["config"]["checkpoint"]).name
+        rows.append(f"| {model} | {r['config']['shots']} | {len(d)} | {r['miou_before']:.1f} -> {r['miou']:.1f} | "
                     f"{r['fbiou_before']:.1f} -> {r['fbiou']:.1f} | {d.mean():+.2f} +- {d.std(ddof=1):.2f} "
                     f"(s.e. {d.std(ddof=1) / np.sqrt(len(d)):.2f}) | {100 * (d < -5).mean():.1f}% | "
                     f"{100 * (d > 5).mean():.1f}% | {sec['median']:.1f} / {sec['p90']:.1f} |")

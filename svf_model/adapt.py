@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .losses import segmentation_loss
 from .model import FewShotSegmenter
 from .svf import svf_layers
 
-IGNORE = 255
 ONE_SHOT_MESSAGE = (
     "Adapt needs at least 2 shots: with one shot it can only learn from augmented copies of that "
     "shot, which did not help on average on held-out classes (300 episodes: -0.3 IoU points, 15 % of "
@@ -224,7 +224,8 @@ def _baseline_target(target: str):
 
 
 def episode_loss(model: FewShotSegmenter, episode: tuple[torch.Tensor, ...], loss: str = "ce") -> torch.Tensor:
-    """Cross-entropy (255 ignored) of one batch of adaptation episodes (``loss``: see AdaptConfig)."""
+    """Loss of one batch of adaptation episodes (``loss``: ``ce`` or ``balanced``, see AdaptConfig and
+    :func:`svf_model.losses.segmentation_loss`; 255 ignored)."""
     head, backbone = model.head, model.backbone
     if len(episode) == 2:
         images, masks = episode
@@ -235,16 +236,7 @@ def episode_loss(model: FewShotSegmenter, episode: tuple[torch.Tensor, ...], los
         logits = head.cross_logits(backbone, support, support_mask, views)
         target = view_masks
     logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=True)
-    valid = target != IGNORE
-    if not valid.any():
-        return logits.sum() * 0.0
-    if loss == "ce":
-        return F.cross_entropy(logits, target.long(), ignore_index=IGNORE)
-    if loss != "balanced":
-        raise ValueError(f"loss must be ce or balanced, got {loss!r}")
-    pixel = F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="none")
-    parts = [pixel[target == c].mean() for c in (0, 1) if (target == c).any()]
-    return torch.stack(parts).mean()
+    return segmentation_loss(logits, target, loss)
 
 
 def adapt_svf(

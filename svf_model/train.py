@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -57,11 +56,11 @@ from .data import (
 )
 from .data.transforms import resize_logits
 from .heads import build_head
+from .losses import LOSSES, segmentation_loss
 from .model import FewShotSegmenter
 from .svf import apply_svf, freeze_batchnorm, svf_parameters, svf_stats
 
 logger = logging.getLogger("svf_model.train")
-IGNORE = 255
 
 
 @dataclass
@@ -114,6 +113,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
     aux_weight: float = 1.0
+    loss: str = "ce"  # ce | balanced (per episode: foreground and background pixels weigh the same)
     grad_clip: float | None = None
     # validation
     val_episodes: int = 100
@@ -157,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"mode must be svf or frozen, got {self.mode!r}")
         if self.data not in ("folder", "pascal", "coco"):
             raise ValueError(f"data must be folder, pascal or coco, got {self.data!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.scheduler not in ("cosine", "poly", "constant"):
             raise ValueError(f"scheduler must be cosine, poly or constant, got {self.scheduler!r}")
         bad = [s for s in self.svf_stages if s not in STAGES]
@@ -310,20 +312,21 @@ class PrefixFeatureCache:
 class EpisodeLoss(nn.Module):
     """``(query, supports, support_masks, query_mask) -> (loss, main, aux)``; the module DDP wraps."""
 
-    def __init__(self, model: FewShotSegmenter, aux_weight: float = 1.0) -> None:
+    def __init__(self, model: FewShotSegmenter, aux_weight: float = 1.0, loss: str = "ce") -> None:
         super().__init__()
         self.model = model
         self.aux_weight = aux_weight
+        self.loss = loss
 
     def forward(self, query: torch.Tensor, supports: torch.Tensor, support_masks: torch.Tensor,
                 query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cache = self.model.encode_supports(supports, support_masks)
         logits, aux = self.model.segment(query, cache, return_aux=True)
         size = query_mask.shape[-2:]
-        main = F.cross_entropy(resize_logits(logits.float(), size), query_mask, ignore_index=IGNORE)
+        main = segmentation_loss(resize_logits(logits.float(), size), query_mask, self.loss, per_sample=True)
         if aux:
-            aux_loss = torch.stack([F.cross_entropy(resize_logits(a.float(), size), query_mask, ignore_index=IGNORE)
-                                    for a in aux]).mean()
+            aux_loss = torch.stack([segmentation_loss(resize_logits(a.float(), size), query_mask, self.loss,
+                                                      per_sample=True) for a in aux]).mean()
         else:
             aux_loss = main.new_zeros(())
         return main + self.aux_weight * aux_loss, main.detach(), aux_loss.detach()
@@ -444,7 +447,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None) -> d
 
     feature_cache = PrefixFeatureCache(model.backbone, cfg.cache_until) if cfg.cache_features else None
     train_model = FewShotSegmenter(feature_cache.view(model.backbone), model.head) if feature_cache else model
-    step_module: nn.Module = EpisodeLoss(train_model, cfg.aux_weight)
+    step_module: nn.Module = EpisodeLoss(train_model, cfg.aux_weight, cfg.loss)
     if dist_info.enabled:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -585,7 +588,8 @@ def _load_resume(path: Path, model: FewShotSegmenter, optimizer: torch.optim.Opt
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m svf_model.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML file (see configs/)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (YAML values)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys (YAML values); repeat or list several")
     p.add_argument("--out", help="output folder (overrides the config's out)")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from OUT/last.pt, or from the given file")

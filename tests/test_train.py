@@ -47,6 +47,13 @@ def test_every_config_parses_and_bad_keys_fail():
                                "svf_stages": ["layer3", "layer4"]})
 
 
+def test_repeated_set_options_all_apply():
+    from svf_model.train import parse_args
+
+    args = parse_args(["--config", "c.yaml", "--set", "out=a", "--set", "augment=true", "epochs=2"])
+    assert args.set == ["out=a", "augment=true", "epochs=2"]
+
+
 def test_only_singular_values_and_head_train(fss_dev, tmp_path):
     cfg = tiny(fss_dev, tmp_path, "svf_stages=[layer3, layer4]")
     model = build_model(cfg)

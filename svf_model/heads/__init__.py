@@ -33,4 +33,4 @@ def build_head(method: str, backbone: Backbone, **kwargs) -> FewShotHead:
     return _HEADS[method](backbone, **kwargs)
 
 
-from . import bam, baseline, pfenet  # noqa: E402,F401  (registers the PFENet-family heads)
+from . import bam, baseline, pfenet, refine  # noqa: E402,F401  (registers the learned heads)
