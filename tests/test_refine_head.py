@@ -79,14 +79,18 @@ def test_refinement_learns_on_real_leave_one_out_episodes(lite2, shots):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_checkpoint_round_trip(lite2, shots, tmp_path):
+def test_checkpoint_round_trip(shots, tmp_path):
+    from svf_model.checkpoint import build_from_meta
+
     images, masks = shots
-    model = FewShotSegmenter(lite2, randomised(build_head("prototype_refine", lite2, stages=STAGES))).eval()
-    path = save_checkpoint(model, tmp_path / "refine.safetensors",
-                           {"backbone": "efficientnet_lite2", "backbone_weights": "imagenet",
-                            "head_kwargs": {"stages": list(STAGES)}, "image_size": 161, "shots": 1})
-    loaded, meta = load_checkpoint(path)
-    assert meta["method"] == "prototype_refine"
+    meta = {"backbone": "efficientnet_lite2", "backbone_weights": "imagenet", "method": "prototype_refine",
+            "head_kwargs": {"stages": list(STAGES)}, "svf_stages": [], "image_size": 161, "shots": 1}
+    model = build_from_meta(meta)  # its own backbone: the shared fixture may carry other tests' SVF layers
+    randomised(model.head)
+    model.eval()
+    path = save_checkpoint(model, tmp_path / "refine.safetensors", meta)
+    loaded, got = load_checkpoint(path)
+    assert got["method"] == "prototype_refine"
     with torch.no_grad():
         assert torch.equal(model(images[3:], images[None, :3], masks[None, :3]),
                            loaded(images[3:], images[None, :3], masks[None, :3]))
@@ -121,13 +125,12 @@ def test_min_shots_keeps_single_shots_on_the_prototype_logits(lite2, shots):
         assert not torch.allclose(two, proto(images[3:], images[None, :2], masks[None, :2]))
 
 
-def test_compose_takes_singular_values_from_one_file_and_the_head_from_another(lite2, shots, tmp_path):
-    from svf_model.compose import compose_checkpoints
+def test_compose_takes_singular_values_from_one_file_and_the_head_from_another(tmp_path):
     from svf_model.checkpoint import build_from_meta
+    from svf_model.compose import compose_checkpoints
     from svf_model.svf import svf_layers
     from svf_model.weights import CheckpointError
 
-    images, masks = shots
     meta = {"backbone": "efficientnet_lite2", "backbone_weights": "imagenet", "image_size": 161, "shots": 1}
     sv_meta = {**meta, "method": "prototype", "head_kwargs": {"stages": list(STAGES)}, "svf_stages": ["layer4"],
                "parametrization": "exp"}
@@ -135,9 +138,10 @@ def test_compose_takes_singular_values_from_one_file_and_the_head_from_another(l
     for _, layer in svf_layers(sv_model.backbone):
         layer.sv.trainable.data.normal_(0, 0.1)
     sv_file = save_checkpoint(sv_model, tmp_path / "sv.safetensors", sv_meta)
-    head_model = FewShotSegmenter(lite2, randomised(build_head("prototype_refine", lite2, stages=STAGES)))
-    head_file = save_checkpoint(head_model, tmp_path / "head.safetensors",
-                                {**meta, "head_kwargs": {"stages": list(STAGES)}, "svf_stages": []})
+    head_meta = {**meta, "method": "prototype_refine", "head_kwargs": {"stages": list(STAGES)}, "svf_stages": []}
+    head_model = build_from_meta(head_meta)
+    randomised(head_model.head)
+    head_file = save_checkpoint(head_model, tmp_path / "head.safetensors", head_meta)
     out = compose_checkpoints(sv_file, head_file, tmp_path / "both.safetensors", {"min_shots": 2})
     model, got = load_checkpoint(out)
     assert got["method"] == "prototype_refine" and got["head_kwargs"]["min_shots"] == 2
