@@ -175,6 +175,27 @@ def build_from_meta(meta: dict[str, Any], backbone_weights: str | os.PathLike | 
     return FewShotSegmenter(backbone, head)
 
 
+def load_trainable_state(model, tensors: dict[str, torch.Tensor], name: str) -> None:  # noqa: ANN001
+    """Load head weights and singular values into ``model``; every tensor of
+    :func:`trainable_state` must be present with its shape and nothing else (else
+    :class:`CheckpointError` naming ``name``)."""
+    own = trainable_state(model)
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name} does not fit {model.method} on {model.backbone.name}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    bad = [k for k in own if own[k].shape != tensors[k].shape]
+    if bad:
+        raise CheckpointError(f"{name}: shape mismatch for {bad[:8]}")
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{name}: unexpected keys {result.unexpected_keys[:8]}")
+
+
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", backbone_weights: str | os.PathLike | None = None
 ):  # noqa: ANN201 - (FewShotSegmenter, dict)
@@ -185,21 +206,7 @@ def load_checkpoint(
     """
     tensors, meta = read_checkpoint(path)
     model = build_from_meta(meta, backbone_weights)
-    own = trainable_state(model)
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{Path(path).name} does not fit {meta['method']} on {meta['backbone']}: "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-    bad = [k for k in own if own[k].shape != tensors[k].shape]
-    if bad:
-        raise CheckpointError(f"{Path(path).name}: shape mismatch for {bad[:8]}")
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{Path(path).name}: unexpected keys {result.unexpected_keys[:8]}")
+    load_trainable_state(model, tensors, Path(path).name)
     fingerprint = meta.get("backbone_fingerprint")
     if fingerprint and fingerprint != backbone_fingerprint(model.backbone):
         message = (f"{Path(path).name} was trained on other {meta['backbone']} weights than those loaded "

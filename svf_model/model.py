@@ -56,8 +56,7 @@ class FewShotHead(nn.Module):
         Returns:
             logits ``[K, 2, h, w]``. Heads may override this with a cheaper exact version.
         """
-        k = images.shape[0]
-        others = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, k)]) for i in range(k)])
+        others = leave_one_out_index(images.shape[0])
         cache = self.encode_supports(backbone, images[others], masks[others])
         return self.segment(backbone, images, cache)
 
@@ -105,6 +104,11 @@ class FewShotSegmenter(nn.Module):
     def forward(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``query [B,3,H,W]``, ``supports [B,K,3,H,W]``, ``masks [B,K,H,W]`` -> logits ``[B,2,H,W]``."""
         return self.segment(query, self.encode_supports(supports, masks))
+
+
+def leave_one_out_index(k: int) -> torch.Tensor:
+    """``[k, k - 1]`` long: row ``i`` lists every shot but ``i`` (in order)."""
+    return torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, k)]) for i in range(k)])
 
 
 def masked_average_pool(feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

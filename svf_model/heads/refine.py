@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
-from ..model import FewShotHead, SupportCache, resize_mask
+from ..model import FewShotHead, SupportCache, leave_one_out_index, resize_mask
 from . import register_head
 from .blocks import COSINE_EPS, resize
 from .prototype import PrototypeHead
@@ -143,8 +143,7 @@ class PrototypeRefineHead(FewShotHead):
         """One backbone pass for all ``K`` leave-one-out episodes (same result as the generic one)."""
         feat, feat_prior = self.features(backbone, images)
         per_shot = self.cache_from_features(feat, feat_prior, masks)  # [K, ...]
-        k = images.shape[0]
-        others = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, k)]) for i in range(k)])
+        others = leave_one_out_index(images.shape[0])
         cache = {name: t[others] for name, t in per_shot.items()}  # [K, K-1, ...]
         return self.logits_from_features(feat, feat_prior, cache)
 
