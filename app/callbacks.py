@@ -296,7 +296,7 @@ class Callbacks:
         elif result.out_of_time:
             note = f"time budget reached after {result.steps} steps"
         else:
-            note = "done"
+            note = "done" + (f". {result.note}" if result.note else "")
         bar = drawing.progress_html(result.steps, config.steps, loss, result.seconds, note)
         session.last_action = f"adapt: {note}, {result.steps} steps in {result.seconds:.1f} s"
         if result.cancelled or result.skipped:

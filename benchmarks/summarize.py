@@ -64,15 +64,18 @@ def accuracy_table() -> str:
 
 def adapted_evaluation_table() -> str:
     """The ``evaluate --adapt`` runs (``eval_adapt_*.json``): the defaults, many episodes."""
-    rows = ["| model | shots | episodes | mIoU before -> after | FB-IoU before -> after | IoU change per episode (pts, "
-            "mean +- s.d., s.e.) | losing > 5 pts | gaining > 5 pts | adaptation s (median / p90) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | options | shots | episodes | mIoU before -> after | FB-IoU before -> after | "
+            "IoU change per episode (pts, mean +- s.d., s.e.) | losing > 5 pts | gaining > 5 pts | "
+            "adaptation s (median / p90) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(RESULTS.glob("eval_adapt_*.json")):
         r = json.loads(name.read_text())
         d = np.array([e["iou_after"] - e["iou_before"] for e in r["episodes"]]) * 100
         sec = r["adapt_seconds"]
-        model = r["config"]["model"] or Path(r["config"]["checkpoint"]).name
-        rows.append(f"| {model} | {r['config']['shots']} | {len(d)} | {r['miou_before']:.1f} -> {r['miou']:.1f} | "
+        model = r["config"]["model"] or Path(r["config"]["checkpoint"] or "?").name
+        options = " ".join(f"`{o}`" for o in r["config"].get("adapt_set") or []) or "defaults"
+        rows.append(f"| {model} | {options} | {r['config']['shots']} | {len(d)} | "
+                    f"{r['miou_before']:.1f} -> {r['miou']:.1f} | "
                     f"{r['fbiou_before']:.1f} -> {r['fbiou']:.1f} | {d.mean():+.2f} +- {d.std(ddof=1):.2f} "
                     f"(s.e. {d.std(ddof=1) / np.sqrt(len(d)):.2f}) | {100 * (d < -5).mean():.1f}% | "
                     f"{100 * (d > 5).mean():.1f}% | {sec['median']:.1f} / {sec['p90']:.1f} |")

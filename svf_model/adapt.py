@@ -64,6 +64,14 @@ class AdaptConfig:
             fss-dev classes (README, "Adaptation"): with plain cross-entropy, 1-shot adaptation
             against views lost about 6 IoU points on average; with the balanced loss the average
             change is about 0; with K >= 2 both losses did the same.
+        objective: whose logits the loss is computed on: ``"head"`` (the model's own head) or
+            ``"prototype"`` (for a head with a learned refinement on prototype logits, such as
+            ``prototype_refine``: the prototype logits alone, without priors or refinement; the
+            predictions after adaptation still use the whole head). ``"auto"``: ``prototype`` when
+            the head offers it (``head.prototype_only()``), else ``head``. With the default model on
+            the same 10 five-shot held-out episodes (README, "Adaptation"): prototype +3.1 IoU points
+            in 11 s (median), head +1.3 in 47 s - the head's priors compare every query position
+            with every support position in each leave-one-out step.
     """
 
     steps: int = 10
@@ -77,6 +85,7 @@ class AdaptConfig:
     modules: list[str] | None = None
     target: str = "svf"
     loss: str = "auto"
+    objective: str = "auto"
 
 
 class LayerNormalizedSGD(torch.optim.Optimizer):
@@ -115,6 +124,7 @@ class AdaptResult:
     cancelled: bool = False
     out_of_time: bool = False
     skipped: str | None = None
+    note: str | None = None  # what adaptation measurably does to this model (registry ``adapt_note``)
 
 
 def _resize(supports: torch.Tensor, masks: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +249,19 @@ def episode_loss(model: FewShotSegmenter, episode: tuple[torch.Tensor, ...], los
     return segmentation_loss(logits, target, loss)
 
 
+def adaptation_objective(model: FewShotSegmenter, objective: str) -> contextlib.AbstractContextManager:
+    """Context in which ``model.head`` computes the logits the adaptation loss uses (see
+    ``AdaptConfig.objective``)."""
+    if objective not in ("auto", "head", "prototype"):
+        raise ValueError(f"objective must be auto, head or prototype, got {objective!r}")
+    prototype_only = getattr(model.head, "prototype_only", None)
+    if objective == "head" or (objective == "auto" and prototype_only is None):
+        return contextlib.nullcontext()
+    if prototype_only is None:
+        raise ValueError(f"the {type(model.head).__name__} head has no prototype-only objective")
+    return prototype_only()
+
+
 def adapt_svf(
     model: FewShotSegmenter,
     supports: torch.Tensor,
@@ -278,7 +301,8 @@ def adapt_svf(
     model.eval()
     result = AdaptResult(0, 0.0)
     trainer = _only_singular_values_train if config.target == "svf" else _baseline_target(config.target)
-    with trainer(model, config.modules) as params, model.backbone.memoize():
+    objective = adaptation_objective(model, config.objective)
+    with trainer(model, config.modules) as params, model.backbone.memoize(), objective:
         initial = [p.detach().clone() for p, _ in params]
         groups = [{"params": [p], "lr": config.lr * scale} for p, scale in params]
         optimizer = torch.optim.Adam(groups) if config.optimizer == "adam" else LayerNormalizedSGD(groups)

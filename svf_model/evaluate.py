@@ -121,6 +121,8 @@ def build_predictor(args: argparse.Namespace):  # noqa: ANN201
     model, info = build_model(args)
     if args.size is None:
         args.size = info.get("image_size") or 473
+    if info.get("name"):
+        args.model = info["name"]  # the registry default when --model was not given
     return make_predictor(model, args.size, args.device)
 
 
@@ -155,6 +157,31 @@ def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> None
         predictor.adapt(AdaptConfig(**kw))
     else:
         predictor.adapt(steps=steps, **(options or {}))
+
+
+def parse_adapt_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["lr=0.01", "one_shot=views"]`` -> AdaptConfig keyword arguments, typed like the field's default
+    (``none`` -> None; ``modules=layer4+layer3.5`` -> a list)."""
+    from .adapt import AdaptConfig
+
+    defaults = AdaptConfig()
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(defaults, key):
+            raise SystemExit(f"--adapt-set {item!r}: expected KEY=VALUE with an AdaptConfig field as KEY")
+        default = getattr(defaults, key)
+        if value.lower() == "none":
+            options[key] = None
+        elif key == "modules":
+            options[key] = value.split("+")
+        elif isinstance(default, bool):
+            options[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            options[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
+        else:
+            options[key] = value
+    return options
 
 
 def adaptation_change(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -327,6 +354,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's, else 473)")
     p.add_argument("--adapt", action="store_true", help="adapt the singular values on each episode's supports")
     p.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
+    p.add_argument("--adapt-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="other AdaptConfig fields, e.g. --adapt-set objective=head one_shot=views lr=0.01")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", required=True, help="output JSON file")
@@ -348,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config.update(sampling=args.sampling or source.default_mode, torch=torch.__version__,
                   device_used=str(getattr(predictor, "device", args.device)), data_root_resolved=str(source.root))
     result = evaluate(predictor, episodes, adapt=args.adapt, adapt_steps=args.adapt_steps,
+                      adapt_options=parse_adapt_options(args.adapt_set),
                       progress=not args.quiet, relpath=source.relpath, config=config,
                       memo_bytes=int(args.memo_gb * (1 << 30)))
     out = Path(args.json)

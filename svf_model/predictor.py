@@ -217,6 +217,7 @@ class Predictor:
                 set_svf_state(self.model.backbone, before)
             if not result.cancelled and not result.skipped:
                 self._set_svf({k: v.detach().clone() for k, v in after.items()})
+                result.note = getattr(self.model, "adapt_note", None) or None
         return result
 
     def _set_svf(self, state: dict[str, torch.Tensor] | None) -> None:

@@ -45,6 +45,7 @@ class ModelEntry:
     adapt_modules: list[str] = field(default_factory=lambda: ["layer4.1"])
     parametrization: str = "exp"
     metrics: dict[str, Any] = field(default_factory=dict)
+    adapt_note: str = ""  # shown after Adapt: what adaptation measurably did to this model
 
 
 def read_registry(path: str | os.PathLike = REGISTRY_FILE) -> tuple[str, dict[str, ModelEntry]]:
@@ -163,4 +164,5 @@ def load_model(
         p.requires_grad_(False)
     model.name = entry.name
     model.adapt_modules = list(entry.adapt_modules)
+    model.adapt_note = entry.adapt_note
     return model.to(device).eval(), entry

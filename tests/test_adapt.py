@@ -166,3 +166,68 @@ def test_balanced_loss_weighs_foreground_and_background_equally():
     torch.testing.assert_close(episode_loss(model, episode, "ce"), (pixel[target[0] != 255]).mean())
     # the one (well predicted) foreground pixel weighs as much as the 14 (wrong) background pixels
     assert episode_loss(model, episode, "balanced") < 0.6 * episode_loss(model, episode, "ce")
+
+
+def test_prototype_objective_skips_the_refinement_while_adapting(lite2, shots):
+    """With a learned refinement on prototype logits, ``objective="prototype"`` (and ``auto``) trains on
+    the prototype logits alone, ``"head"`` on the whole head; predictions use the whole head either way."""
+    from svf_model.adapt import adapt_svf, adaptation_objective, episode_loss
+    from svf_model.preprocess import letterbox_image, letterbox_mask
+
+    backbone = build_backbone("efficientnet_lite2")  # own copy: SVF layers of its own
+    head = build_head("prototype_refine", backbone, stages=("layer2", "layer3", "layer4"))
+    with torch.no_grad():
+        head.refine[-1].weight.copy_(0.1 * torch.randn(head.refine[-1].weight.shape,
+                                                       generator=torch.Generator().manual_seed(0)))
+    model = FewShotSegmenter(backbone, head)
+    apply_svf([backbone.layer4[1]], parametrization="exp")
+    model.eval()
+    images = torch.stack([letterbox_image(img, 129, backbone.mean, backbone.std) for img, _ in shots[:3]])
+    masks = torch.stack([letterbox_mask(mask, 129) for _, mask in shots[:3]]).float()
+    with torch.no_grad():
+        whole = episode_loss(model, (images, masks))
+        with adaptation_objective(model, "prototype"):
+            prototype = episode_loss(model, (images, masks))
+        plain = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
+        torch.testing.assert_close(prototype, episode_loss(plain.eval(), (images, masks)), rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(whole, prototype)
+    assert head._prototype_only is False  # the context restores the head
+
+    config = dataclasses.replace(FAST, image_size=None)
+    runs = {}
+    for objective in ("auto", "prototype", "head"):
+        snapshot = _snapshot(model)
+        result = adapt_svf(model, images, masks, dataclasses.replace(config, objective=objective))
+        runs[objective] = result.losses
+        model.load_state_dict(snapshot)
+    assert runs["auto"] == runs["prototype"]
+    assert runs["prototype"][0] == pytest.approx(float(prototype), rel=1e-5)
+    assert runs["head"][0] == pytest.approx(float(whole), rel=1e-5)
+    with pytest.raises(ValueError, match="objective"):
+        adapt_svf(model, images, masks, dataclasses.replace(config, objective="refine"))
+
+
+def test_evaluate_parses_adaptation_options():
+    from svf_model.evaluate import parse_adapt_options
+
+    got = parse_adapt_options(["objective=head", "lr=0.01", "steps=5", "image_size=none", "modules=layer4+layer3.5"])
+    assert got == {"objective": "head", "lr": 0.01, "steps": 5, "image_size": None, "modules": ["layer4", "layer3.5"]}
+    AdaptConfig(**got)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_adapt_options(["learning_rate=0.1"])
+
+
+def test_the_registry_note_on_adaptation_reaches_the_result(model, shots):
+    """A model whose registry entry says what adaptation measurably does reports it after adapting."""
+    from svf_model.registry import read_registry
+
+    default, entries = read_registry()
+    assert "IoU" in entries[default].adapt_note  # the shipped default's measured effect is stated
+    p = _predictor(model, shots, k=2)
+    model.adapt_note = entries[default].adapt_note
+    try:
+        assert p.adapt(FAST).note == entries[default].adapt_note
+        single = _predictor(model, shots, k=1)
+        assert single.adapt(FAST).note is None  # skipped: its own message says why
+    finally:
+        del model.adapt_note

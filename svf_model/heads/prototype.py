@@ -3,6 +3,8 @@ cosine similarity (in the spirit of PANet without its alignment loss)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,10 @@ class PrototypeHead(FewShotHead):
         super().__init__()
         self.stages = tuple(stages)
         self.temperature = temperature
+
+    def prototype_only(self) -> contextlib.AbstractContextManager:
+        """Its logits are prototype logits already (see ``PrototypeRefineHead.prototype_only``)."""
+        return contextlib.nullcontext()
 
     def features(self, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
         """``images [N, 3, H, W]`` -> ``[N, C, H/8, W/8]`` concatenated normalised stage features."""

@@ -11,6 +11,9 @@ training the head is exactly the prototype head.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,6 +104,17 @@ class PrototypeRefineHead(FewShotHead):
         self.temperature = temperature
         self.prior_stage = prior_stage
         self.refine = refinement(width, tuple(dilations))
+        self._prototype_only = False
+
+    @contextlib.contextmanager
+    def prototype_only(self) -> Iterator[None]:
+        """Inside the block the logits are the prototype head's (no priors, no refinement): the
+        cheap objective that adaptation (:mod:`svf_model.adapt`, ``objective="prototype"``) minimises."""
+        previous, self._prototype_only = self._prototype_only, True
+        try:
+            yield
+        finally:
+            self._prototype_only = previous
 
     def features(self, backbone: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images [N, 3, H, W]`` -> (concatenated normalised stage features ``[N, C, h, w]``,
@@ -128,7 +142,8 @@ class PrototypeRefineHead(FewShotHead):
         """Query features ``[B, C, h, w]``, ``[B, C4, h, w]`` + cache (``[B, K, ...]``) -> ``[B, 2, h, w]``."""
         protos = F.normalize(cache["prototypes"].mean(1), dim=-1)  # [B, 2, C]
         cos = torch.einsum("bchw,bkc->bkhw", F.normalize(feat, dim=1), protos)
-        if cache["prototypes"].shape[1] < self.min_shots or min(feat.shape[-2:]) < self.min_feature_size:
+        if (self._prototype_only or cache["prototypes"].shape[1] < self.min_shots
+                or min(feat.shape[-2:]) < self.min_feature_size):
             return self.temperature * cos
         prior_fg = region_prior(feat_prior, cache["prior_feat"], cache["fg"]).mean(1, keepdim=True)
         prior_bg = region_prior(feat_prior, cache["prior_feat"], cache["bg"]).mean(1, keepdim=True)
