@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svf_model.adapt import AdaptConfig, adapt_svf, adapted_layers  # noqa: E402
+from svf_model.adapt import AdaptConfig, adapt_svf, adapted_layers, parse_config_options  # noqa: E402
 from svf_model.data.episodes import make_episodes  # noqa: E402
 from svf_model.data.fss_folder import FSSFolder, list_classes, split_classes  # noqa: E402
 from svf_model.imageio import load_image  # noqa: E402
@@ -47,18 +47,10 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-de
 
 
 def parse_variant(text: str) -> tuple[str, AdaptConfig]:
+    """``target[:key=value,...]`` -> ``(text, AdaptConfig)`` with no time budget."""
     target, _, opts = text.partition(":")
-    kwargs: dict = {"target": target, "time_budget_s": None}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        field_type = type(getattr(AdaptConfig(), key))
-        if key == "modules":  # e.g. modules=layer4+layer3.5
-            kwargs[key] = value.split("+")
-            continue
-        kwargs[key] = value if field_type is str else (None if value == "none" else float(value))
-        if key in ("steps", "views", "seed", "image_size") and kwargs[key] is not None:
-            kwargs[key] = int(kwargs[key])
-    return text, AdaptConfig(**kwargs)
+    options = parse_config_options(list(filter(None, opts.split(","))))
+    return text, AdaptConfig(**{"target": target, "time_budget_s": None, **options})
 
 
 def iou(pred: np.ndarray, label: np.ndarray) -> float:

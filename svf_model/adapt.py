@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,35 @@ class AdaptConfig:
     target: str = "svf"
     loss: str = "auto"
     objective: str = "auto"
+
+
+def parse_config_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["lr=0.01", "one_shot=views", "modules=layer4+layer3.5"]`` -> :class:`AdaptConfig` keyword
+    arguments, each typed like the field's default (``none`` -> None; ``+`` separates modules).
+
+    Raises:
+        ValueError: an item that is not ``KEY=VALUE`` with an AdaptConfig field as ``KEY``.
+    """
+    defaults = AdaptConfig()
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(defaults, key):
+            raise ValueError(f"{item!r}: expected KEY=VALUE with an AdaptConfig field as KEY")
+        default = getattr(defaults, key)
+        if value.lower() == "none":
+            options[key] = None
+        elif key == "modules":
+            options[key] = value.split("+")
+        elif isinstance(default, bool):
+            options[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            options[key] = int(float(value))
+        elif isinstance(default, float):
+            options[key] = float(value)
+        else:
+            options[key] = value
+    return options
 
 
 class LayerNormalizedSGD(torch.optim.Optimizer):

@@ -160,28 +160,13 @@ def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> None
 
 
 def parse_adapt_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["lr=0.01", "one_shot=views"]`` -> AdaptConfig keyword arguments, typed like the field's default
-    (``none`` -> None; ``modules=layer4+layer3.5`` -> a list)."""
-    from .adapt import AdaptConfig
+    """``--adapt-set`` items -> AdaptConfig keyword arguments (:func:`svf_model.adapt.parse_config_options`)."""
+    from .adapt import parse_config_options
 
-    defaults = AdaptConfig()
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not hasattr(defaults, key):
-            raise SystemExit(f"--adapt-set {item!r}: expected KEY=VALUE with an AdaptConfig field as KEY")
-        default = getattr(defaults, key)
-        if value.lower() == "none":
-            options[key] = None
-        elif key == "modules":
-            options[key] = value.split("+")
-        elif isinstance(default, bool):
-            options[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            options[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
-        else:
-            options[key] = value
-    return options
+    try:
+        return parse_config_options(items)
+    except ValueError as exc:
+        raise SystemExit(f"--adapt-set {exc}") from exc
 
 
 def adaptation_change(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -367,6 +352,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    adapt_options = parse_adapt_options(args.adapt_set)  # refuse a bad option before loading anything
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -377,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config.update(sampling=args.sampling or source.default_mode, torch=torch.__version__,
                   device_used=str(getattr(predictor, "device", args.device)), data_root_resolved=str(source.root))
     result = evaluate(predictor, episodes, adapt=args.adapt, adapt_steps=args.adapt_steps,
-                      adapt_options=parse_adapt_options(args.adapt_set),
+                      adapt_options=adapt_options,
                       progress=not args.quiet, relpath=source.relpath, config=config,
                       memo_bytes=int(args.memo_gb * (1 << 30)))
     out = Path(args.json)
