@@ -123,9 +123,10 @@ def _cue_gallery(image: np.ndarray, cues: list[Cue]) -> list[tuple[np.ndarray, s
     return [(drawing.heat_map(image, c.heat, alpha=0.7, cmap="viridis"), c.caption) for c in cues]
 
 
-def api_adapt_config(image_size: int, steps: int) -> AdaptConfig:
-    """The library's default adaptation settings with ``steps`` steps, at most the model's image size."""
-    config = AdaptConfig(steps=steps)
+def api_adapt_config(image_size: int, steps: int, gate: bool = True) -> AdaptConfig:
+    """The library's default adaptation settings with ``steps`` steps, at most the model's image size;
+    ``gate=False`` keeps the adaptation even when the shots' cross-check does not improve."""
+    config = AdaptConfig(steps=steps, gate="support" if gate else "off")
     if config.image_size is not None:
         config.image_size = min(config.image_size, image_size)
     return config
@@ -249,9 +250,9 @@ class Callbacks:
 
     # -- adaptation -------------------------------------------------------------------------------
     @user_errors
-    def adapt(self, session: Session | None, queries: Any, steps: float, lr: float):
+    def adapt(self, session: Session | None, queries: Any, steps: float, lr: float, gate: bool = True):
         session = self.session(session)
-        config = session.adapt_config(int(steps), float(lr))
+        config = session.adapt_config(int(steps), float(lr), bool(gate))
         if config.steps < 1:
             raise InputError("set at least 1 adaptation step")
         if not lr > 0:
@@ -293,13 +294,14 @@ class Callbacks:
             note = result.skipped
         elif result.cancelled:
             note = "stopped: the singular values are unchanged"
-        elif result.out_of_time:
-            note = f"time budget reached after {result.steps} steps"
+        elif result.reverted:
+            note = result.gate_message
         else:
-            note = "done" + (f". {result.note}" if result.note else "")
+            note = f"time budget reached after {result.steps} steps" if result.out_of_time else "done"
+            note += "".join(f". {text}" for text in (result.gate_message, result.note) if text)
         bar = drawing.progress_html(result.steps, config.steps, loss, result.seconds, note)
         session.last_action = f"adapt: {note}, {result.steps} steps in {result.seconds:.1f} s"
-        if result.cancelled or result.skipped:
+        if result.cancelled or result.skipped or result.reverted:
             yield session, bar, *skip[:-1], self.status(session)
             return
         overlays, heats, files = self._results(session, loaded)
@@ -387,7 +389,8 @@ class Callbacks:
 
     # -- stateless API ----------------------------------------------------------------------------
     @user_errors
-    def api_predict(self, support_images: Any, support_masks: Any, query: Any, adapt_steps: float | None):
+    def api_predict(self, support_images: Any, support_masks: Any, query: Any, adapt_steps: float | None,
+                    adapt_gate: bool = True):
         """Stateless: supports + masks + one query (+ optional adaptation) -> mask PNG, overlay, JSON."""
         images, masks, queries = _paths(support_images), _paths(support_masks), _paths(query)
         steps = int(adapt_steps or 0)
@@ -411,11 +414,13 @@ class Callbacks:
         info: dict[str, Any] = {"model": loaded.entry.name, "image_size": loaded.image_size,
                                 "device": self.store.device.type, "shots": len(shots)}
         if steps > 0:
-            config = api_adapt_config(loaded.image_size, steps)
+            config = api_adapt_config(loaded.image_size, steps, bool(adapt_gate))
             result = predictor.adapt(config)
             timings["adapt"] = result.seconds
             info["adapt"] = {"steps": result.steps, "losses": [round(x, 5) for x in result.losses],
-                             "out_of_time": result.out_of_time, "skipped": result.skipped}
+                             "out_of_time": result.out_of_time, "skipped": result.skipped,
+                             "reverted": result.reverted, "support_iou_before": result.support_iou_before,
+                             "support_iou_after": result.support_iou_after}
             info["layers"] = [
                 {"layer": c.label, "score": round(c.score, 6),
                  "rising": [[i, round(v, 5)] for i, v in c.top(5, rising=True)],

@@ -100,6 +100,8 @@ def build_demo(store: ModelStore, examples_root: Path = ASSETS) -> gr.Blocks:
                 steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Steps", elem_id="adapt-steps")
                 lr = gr.Number(defaults.lr, label="Learning rate (relative step on the singular values)",
                                minimum=1e-5, maximum=1.0, step=0.001, elem_id="adapt-lr")
+                gate = gr.Checkbox(defaults.gate != "off", label="Keep the adaptation only if it improves the "
+                                   "shots' cross-check (each shot segmented from the others)", elem_id="adapt-gate")
             with gr.Row():
                 svf_file = gr.File(label="Adapted singular values (.safetensors)", interactive=False,
                                    elem_id="svf-download", height=90)
@@ -128,6 +130,8 @@ def build_demo(store: ModelStore, examples_root: Path = ASSETS) -> gr.Blocks:
                 api_query = gr.File(label="Query image", file_types=["image"], elem_id="api-query")
                 api_steps = gr.Number(0, label="Adapt steps (0 = none)", precision=0, minimum=0,
                                       elem_id="api-steps")
+                api_gate = gr.Checkbox(True, label="Keep adaptation only if the shots' cross-check improves",
+                                       elem_id="api-gate")
             api_run = gr.Button("Run", elem_id="api-run")
             with gr.Row():
                 api_mask = gr.File(label="Mask PNG", elem_id="api-mask")
@@ -149,7 +153,7 @@ def build_demo(store: ModelStore, examples_root: Path = ASSETS) -> gr.Blocks:
                     show_progress_on=[status])
         segment.click(cb.segment, [state, queries], [state, *results_out, status], api_name="segment",
                       show_progress_on=[results])
-        adapt.click(cb.adapt, [state, queries, steps, lr], adapt_out, api_name="adapt",
+        adapt.click(cb.adapt, [state, queries, steps, lr, gate], adapt_out, api_name="adapt",
                     concurrency_limit=1, concurrency_id="adapt", show_progress="hidden")
         stop.click(cb.stop, [state], None, api_name="stop", concurrency_limit=None, show_progress="hidden")
         reset.click(cb.reset, [state, queries], adapt_out, api_name="reset", show_progress_on=[progress])
@@ -166,6 +170,6 @@ def build_demo(store: ModelStore, examples_root: Path = ASSETS) -> gr.Blocks:
                 show_progress_on=[status],
             ).success(cb.segment, [state, queries], [state, *results_out, status], api_visibility="private",
                       show_progress_on=[results])
-        api_run.click(cb.api_predict, [api_images, api_masks, api_query, api_steps], [api_mask, api_overlay, api_json],
+        api_run.click(cb.api_predict, [api_images, api_masks, api_query, api_steps, api_gate], [api_mask, api_overlay, api_json],
                       api_name="predict", concurrency_limit=2, concurrency_id="api")
     return demo

@@ -236,8 +236,8 @@ class Session:
         self.queries = list(queries)
         return [self.predictor.predict(q.image) for q in self.queries]
 
-    def adapt_config(self, steps: int | None = None, lr: float | None = None) -> AdaptConfig:
-        config = AdaptConfig()
+    def adapt_config(self, steps: int | None = None, lr: float | None = None, gate: bool = True) -> AdaptConfig:
+        config = AdaptConfig(gate="support" if gate else "off")
         if steps is not None:
             config.steps = int(steps)
         if lr is not None:
@@ -253,7 +253,7 @@ class Session:
     ) -> AdaptResult:
         self.sync()
         result = self.predictor.adapt(config, progress=progress, should_stop=self.stop.is_set)
-        if not result.cancelled and not result.skipped:
+        if not (result.cancelled or result.skipped or result.reverted):
             self.adapt_info = f"{result.steps} steps on {len(self.shots)} shot(s)"
         return result
 

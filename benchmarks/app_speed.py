@@ -105,7 +105,7 @@ def main() -> None:
         for photo, mask in pairs[1:5]:
             client.predict(editor(photo), handle_file(mask), api_name="/add_shot")
         t = time.perf_counter()
-        out = client.predict(queries, 10, 0.01, api_name="/adapt")
+        out = client.predict(queries, 10, 0.01, True, api_name="/adapt")  # steps, lr, gate
         adapt_event = time.perf_counter() - t
         status = out[-1]
         inner = re.search(r"(\d+) steps in ([\d.]+) s", status)

@@ -64,17 +64,19 @@ def accuracy_table() -> str:
 
 def adapted_evaluation_table() -> str:
     """The ``evaluate --adapt`` runs (``eval_adapt_*.json``): the defaults, many episodes."""
-    rows = ["| model | options | shots | episodes | mIoU before -> after | FB-IoU before -> after | "
+    rows = ["| model | options | gate | shots | episodes (seed) | mIoU before -> after | FB-IoU before -> after | "
             "IoU change per episode (pts, mean +- s.d., s.e.) | losing > 5 pts | gaining > 5 pts | "
             "adaptation s (median / p90) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(RESULTS.glob("eval_adapt_*.json")):
         r = json.loads(name.read_text())
         d = np.array([e["iou_after"] - e["iou_before"] for e in r["episodes"]]) * 100
         sec = r["adapt_seconds"]
         model = r["config"]["model"] or Path(r["config"]["checkpoint"] or "?").name
         options = " ".join(f"`{o}`" for o in r["config"].get("adapt_set") or []) or "defaults"
-        rows.append(f"| {model} | {options} | {r['config']['shots']} | {len(d)} | "
+        gated = [e["reverted"] for e in r["episodes"] if "reverted" in e]
+        gate = f"support ({100 * np.mean(gated):.0f}% undone)" if gated else "none"
+        rows.append(f"| {model} | {options} | {gate} | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | "
                     f"{r['miou_before']:.1f} -> {r['miou']:.1f} | "
                     f"{r['fbiou_before']:.1f} -> {r['fbiou']:.1f} | {d.mean():+.2f} +- {d.std(ddof=1):.2f} "
                     f"(s.e. {d.std(ddof=1) / np.sqrt(len(d)):.2f}) | {100 * (d < -5).mean():.1f}% | "

@@ -146,7 +146,7 @@ def build_source(args: argparse.Namespace) -> EpisodeSource:
 # evaluation
 
 
-def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> None:  # noqa: ANN001
+def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> Any:  # noqa: ANN001, ANN401
     params = inspect.signature(predictor.adapt).parameters
     if "config" in params:
         from .adapt import AdaptConfig
@@ -154,9 +154,17 @@ def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> None
         kw = dict(options or {})
         if steps is not None:
             kw["steps"] = steps
-        predictor.adapt(AdaptConfig(**kw))
-    else:
-        predictor.adapt(steps=steps, **(options or {}))
+        return predictor.adapt(AdaptConfig(**kw))
+    return predictor.adapt(steps=steps, **(options or {}))
+
+
+def gate_record(result: Any) -> dict[str, Any]:
+    """The support gate's scores and decision from an ``AdaptResult`` (empty without a gate)."""
+    before = getattr(result, "support_iou_before", None)
+    after = getattr(result, "support_iou_after", None)
+    if before is None:
+        return {}
+    return {"support_iou_before": before, "support_iou_after": after, "reverted": bool(result.reverted)}
 
 
 def parse_adapt_options(items: Sequence[str]) -> dict[str, Any]:
@@ -246,7 +254,7 @@ def evaluate(
             if adapt:
                 record["iou_before"] = before.update(ep.class_name, pred, ep.query_mask)
                 t0 = time.perf_counter()
-                _adapt(predictor, adapt_steps, adapt_options)
+                record.update(gate_record(_adapt(predictor, adapt_steps, adapt_options)))
                 adapt_seconds.append(time.perf_counter() - t0)
                 pred = predictor.predict(ep.query).mask
                 predictor.reset()
@@ -266,6 +274,9 @@ def evaluate(
         b = before.summary()
         result.update(miou_before=b["miou"], fbiou_before=b["fbiou"], per_class_before=b["per_class"],
                       adapt_seconds=_quantiles(adapt_seconds), adapt_change=adaptation_change(records))
+        gated = [r for r in records if "reverted" in r]
+        if gated:
+            result["adapt_change"]["share_reverted"] = float(np.mean([r["reverted"] for r in gated]))
     result["floors"] = {name: m.summary() for name, m in trivial_meters(labels).items()}
     result["config"] = dict(config or {})
     return result
@@ -307,6 +318,8 @@ def format_table(result: dict[str, Any]) -> str:
         c = result["adapt_change"]
         lines.append(f"IoU change per episode (pts): mean {c['mean']:+.2f}, s.d. {c['std']:.2f}, s.e. {c['se']:.2f}; "
                      f"{100 * c['share_losing_5pts']:.1f}% lose > 5 pts, {100 * c['share_gaining_5pts']:.1f}% gain > 5")
+        if "share_reverted" in c:
+            lines.append(f"support gate: {100 * c['share_reverted']:.1f}% of the adaptations rejected (model unchanged)")
     return "\n".join(lines)
 
 

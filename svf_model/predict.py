@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="SVF adaptation steps on the supports before predicting (0: none)")
     p.add_argument("--adapt-lr", type=float, default=None, help="adaptation learning rate (default: measured)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="keep the adaptation even when it does not improve the shots' cross-check "
+                        "(each shot segmented from the others); by default such an adaptation is undone")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast precision (bf16 on CPU or GPU, fp16 on GPU)")
@@ -125,14 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         predictor.set_supports([s[0] for s in args.support], [s[1] for s in args.support])
         report: dict = {"model": name, "image_size": predictor.image_size, "queries": []}
         if args.adapt_steps > 0:
-            config = AdaptConfig(steps=args.adapt_steps)
+            config = AdaptConfig(steps=args.adapt_steps, gate="off" if args.no_gate else "support")
             if config.image_size is not None:  # never upsample the letterboxed supports to adapt
                 config.image_size = min(config.image_size, predictor.image_size)
             if args.adapt_lr is not None:
                 config.lr = args.adapt_lr
             result = predictor.adapt(config, progress=lambda p: print(
                 f"adapt step {p.step}/{p.steps} loss {p.loss:.4f} {p.seconds:.1f}s", file=sys.stderr))
-            report["adapt"] = {"steps": result.steps, "seconds": result.seconds, "skipped": result.skipped}
+            report["adapt"] = {"steps": result.steps, "seconds": result.seconds, "skipped": result.skipped,
+                               "reverted": result.reverted, "support_iou_before": result.support_iou_before,
+                               "support_iou_after": result.support_iou_after}
+            if result.gate_message:
+                print(result.gate_message, file=sys.stderr)
             if args.save_svf:
                 predictor.export_svf(args.save_svf)
         out = Path(args.out)

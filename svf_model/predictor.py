@@ -201,7 +201,8 @@ class Predictor:
     ) -> AdaptResult:
         """Fine-tune this predictor's singular values on its supports (see :func:`adapt_svf`).
 
-        A cancelled run leaves the predictor as it was before the call.
+        A cancelled run, or one the support gate rejects (``result.reverted``, see
+        ``AdaptConfig.gate``), leaves the predictor as it was before the call.
         """
         if self._supports is None:
             raise InputError("no support shots: add at least one before adapting")
@@ -215,7 +216,7 @@ class Predictor:
             finally:
                 after = svf_state(self.model.backbone)
                 set_svf_state(self.model.backbone, before)
-            if not result.cancelled and not result.skipped:
+            if not (result.cancelled or result.skipped or result.reverted):
                 self._set_svf({k: v.detach().clone() for k, v in after.items()})
                 result.note = getattr(self.model, "adapt_note", None) or None
         return result

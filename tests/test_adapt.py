@@ -17,7 +17,7 @@ from svf_model.weights import CheckpointError
 from tests.helpers import fss_pairs
 
 SIZE = 161
-FAST = AdaptConfig(steps=3, lr=0.05, image_size=129, time_budget_s=None)
+FAST = AdaptConfig(steps=3, lr=0.05, image_size=129, time_budget_s=None, gate="off")
 
 
 def _model(backbone):
@@ -83,7 +83,7 @@ def test_cancel_keeps_previous_state(model, shots):
     query = shots[3][0]
     original = p.predict(query).prob
     calls = []
-    result = p.adapt(AdaptConfig(steps=5, lr=0.05, image_size=129, time_budget_s=None),
+    result = p.adapt(dataclasses.replace(FAST, steps=5),
                      progress=calls.append, should_stop=lambda: len(calls) >= 2)
     assert result.cancelled and result.steps == 2 and [c.step for c in calls] == [1, 2]
     assert not p.adapted
@@ -231,3 +231,57 @@ def test_the_registry_note_on_adaptation_reaches_the_result(model, shots):
         assert single.adapt(FAST).note is None  # skipped: its own message says why
     finally:
         del model.adapt_note
+
+
+def _manual_support_iou(model, images, masks):
+    """Pooled foreground IoU of the leave-one-out predictions, written out directly."""
+    from svf_model.model import leave_one_out_index
+
+    inter = union = 0
+    with torch.no_grad():
+        for i, others in enumerate(leave_one_out_index(images.shape[0])):
+            logits = model(images[i:i + 1], images[others][None], masks[others][None])
+            pred, truth, valid = logits.argmax(1)[0] == 1, masks[i] == 1, masks[i] != 255
+            inter += int((pred & truth & valid).sum())
+            union += int(((pred | truth) & valid).sum())
+    return inter / union
+
+
+def test_support_gate_scores_the_shots_and_keeps_or_restores(model, shots):
+    """The gate's score is the leave-one-out foreground IoU before and after; an adaptation that does not
+    raise it by the margin is undone (predictions exactly as before), one that does is kept."""
+    from svf_model.adapt import adapt_svf
+    from svf_model.preprocess import letterbox_image, letterbox_mask
+
+    bb = model.backbone
+    images = torch.stack([letterbox_image(img, 129, bb.mean, bb.std) for img, _ in shots[:3]])
+    masks = torch.stack([letterbox_mask(mask, 129) for _, mask in shots[:3]]).float()
+    config = dataclasses.replace(FAST, image_size=None, gate="support")
+    snapshot = _snapshot(model)
+    before = _manual_support_iou(model, images, masks)
+
+    kept = adapt_svf(model, images, masks, dataclasses.replace(config, gate_margin=-1.0))  # always keeps
+    assert not kept.reverted and 0 < before < 1
+    assert kept.support_iou_before == pytest.approx(before, abs=1e-6)
+    assert kept.support_iou_after == pytest.approx(_manual_support_iou(model, images, masks), abs=1e-6)
+    assert any(not torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+    assert "cross-check" in kept.gate_message
+    model.load_state_dict(snapshot)
+
+    undone = adapt_svf(model, images, masks, dataclasses.replace(config, gate_margin=1.0))  # can never gain 1.0
+    assert undone.reverted and undone.steps == 3 and undone.support_iou_after == kept.support_iou_after
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+    assert "unchanged" in undone.gate_message
+
+    with pytest.raises(ValueError, match="gate"):
+        adapt_svf(model, images, masks, dataclasses.replace(config, gate="loo"))
+
+
+def test_rejected_adaptation_leaves_the_predictor_as_it_was(model, shots):
+    p = _predictor(model, shots, k=1)
+    query = shots[3][0]
+    before = p.predict(query).prob
+    result = p.adapt(dataclasses.replace(FAST, one_shot="views", gate="support", gate_margin=1.0))
+    assert result.reverted and result.steps == 3 and not p.adapted
+    assert 0 <= result.support_iou_before <= 1  # the shot against fresh augmented views of itself
+    np.testing.assert_array_equal(p.predict(query).prob, before)

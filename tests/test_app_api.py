@@ -41,9 +41,9 @@ def _gt(mask_path: str) -> np.ndarray:
     return np.asarray(Image.open(mask_path)) > 127
 
 
-def _predict(c: Client, shots, query: str, steps: int):
+def _predict(c: Client, shots, query: str, steps: int, gate: bool = False):
     return c.predict([handle_file(p) for p, _ in shots], [handle_file(m) for _, m in shots], handle_file(query),
-                     steps, api_name="/predict")
+                     steps, gate, api_name="/predict")
 
 
 def test_predict_api_segments_real_photos(server, horse):
@@ -74,6 +74,10 @@ def test_predict_api_with_adaptation_reports_layer_changes(server, horse):
     assert top["rising"][0][1] > 0 > top["falling"][0][1]
     gt = _gt(mask)
     assert iou(np.asarray(Image.open(path)) > 127, gt) > max(IOU_FLOOR, iou(np.ones_like(gt), gt) + 0.15)
+    # With the gate (the library's default) the shots' cross-check is reported and decides.
+    gated = json.loads(_predict(c, horse[:2], query, 2, gate=True)[2])["adapt"]
+    assert 0 <= gated["support_iou_before"] <= 1 and 0 <= gated["support_iou_after"] <= 1
+    assert gated["reverted"] == (gated["support_iou_after"] <= gated["support_iou_before"])
 
 
 def test_oversized_query_is_downscaled_and_its_mask_has_the_original_size(server, horse, tmp_path):
@@ -117,7 +121,7 @@ def test_bad_inputs_are_clear_errors_and_the_app_keeps_serving(server, horse, tm
     for (images, masks, q, steps), message in cases:
         with pytest.raises(AppError, match=message):
             c.predict([handle_file(p) for p in images], [handle_file(m) for m in masks], handle_file(q), steps,
-                      api_name="/predict")
+                      True, api_name="/predict")
     path, _, _ = _predict(c, horse[:1], query, 0)  # still serving, same client
     assert (np.asarray(Image.open(path)) > 127).any()
 
@@ -132,7 +136,7 @@ def test_sessions_keep_their_own_shots_and_adaptation(server, horse):
 
     # A adapts while B segments at the same time; B is untouched by A's adaptation and shots.
     queries = [{"image": handle_file(horse[4][0]), "caption": None}]
-    job = a.submit(queries, 3, 0.01, api_name="/adapt")
+    job = a.submit(queries, 3, 0.01, False, api_name="/adapt")
     overlays, heats, files, status_b = b.predict(queries, api_name="/segment")
     assert "**Adapted** no" in status_b and "**Shots** 1/5" in status_b
     assert np.asarray(Image.open(files[0])).shape == _gt(horse[4][1]).shape
@@ -170,7 +174,7 @@ def test_stateful_events_give_messages(server, horse, tmp_path):
     with pytest.raises(AppError, match="no support shots"):
         c.predict(queries, api_name="/segment")
     with pytest.raises(AppError, match="no support shots"):
-        c.predict(queries, 2, 0.01, api_name="/adapt")
+        c.predict(queries, 2, 0.01, True, api_name="/adapt")
     with pytest.raises(AppError, match="upload a support photo"):
         c.predict(None, handle_file(horse[0][1]), api_name="/add_shot")
     with pytest.raises(AppError, match="nothing painted"):

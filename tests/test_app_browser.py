@@ -91,7 +91,13 @@ def test_paint_segment_adapt_and_cues_in_chromium(server, browser, fss_dev):
     expect(page.locator("#status")).to_contain_text("segmented 1 query")
     _shot(page, "02_segmented")
 
-    # Adapt: the progress bar moves step by step, then the cue panel fills.
+    # Adapt (gate off, so that the cue panel has something to show): the progress bar moves step by
+    # step, then the cue panel fills.
+    page.get_by_text("Advanced").click()
+    gate = page.locator("#adapt-gate input[type=checkbox]")
+    expect(gate).to_be_checked()  # the library's default
+    gate.uncheck()
+    expect(gate).not_to_be_checked()
     page.locator("#adapt-btn").click()
     expect(page.locator("#adapt-progress")).to_contain_text(re.compile(r"step [1-9]\d*/10"))
     expect(page.locator("#adapt-progress")).to_contain_text("done")
@@ -105,7 +111,6 @@ def test_paint_segment_adapt_and_cues_in_chromium(server, browser, fss_dev):
     _shot(page, "03_adapted")
 
     # Stop a long adaptation: it ends early and leaves the singular values as they were.
-    page.get_by_text("Advanced").click()
     steps = page.locator("#adapt-steps input[type=number]")
     slider = page.locator("#adapt-steps input[type=range]")
     expect(steps).to_be_visible()

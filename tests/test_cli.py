@@ -25,7 +25,7 @@ from tests.helpers import iou
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 161
 OPTIONS = ("--model", "--checkpoint", "--list-models", "--support", "--query", "--out", "--size", "--threshold",
-           "--adapt-steps", "--adapt-lr", "--device", "--precision", "--save-svf")
+           "--adapt-steps", "--adapt-lr", "--no-gate", "--device", "--precision", "--save-svf")
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +172,11 @@ def test_adapt_and_save_svf_writes_a_delta_the_predictor_accepts(horse, tmp_path
     model, entry = default_model
     delta, out_dir, query = tmp_path / "horse.safetensors", tmp_path / "out", horse[2][0]
     code, out, err = run([*support_args(horse[:2]), "--query", query, "--out", out_dir, "--size", SIZE,
-                          "--adapt-steps", 2, "--save-svf", delta], capsys)
+                          "--adapt-steps", 2, "--no-gate", "--save-svf", delta], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["adapt"]["steps"] == 2 and report["adapt"]["skipped"] is None
+    assert report["adapt"]["reverted"] is False and report["adapt"]["support_iou_before"] is None
     assert "adapt step 2/2" in err
     assert delta.is_file()
 

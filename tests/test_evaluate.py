@@ -138,6 +138,14 @@ def test_real_adaptation_if_available(fss_dev):
     assert len(result["episodes"]) == 2
     assert all(0 <= e["iou_before"] <= 1 and 0 <= e["iou_after"] <= 1 for e in result["episodes"])
     assert result["adapt_seconds"]["median"] > 0
+    # The support gate (default) is recorded per episode; an undone adaptation predicts as before.
+    for e in result["episodes"]:
+        assert 0 <= e["support_iou_before"] <= 1 and 0 <= e["support_iou_after"] <= 1
+        assert e["reverted"] == (e["support_iou_after"] <= e["support_iou_before"])
+        if e["reverted"]:
+            assert e["iou_after"] == e["iou_before"]
+    share = sum(e["reverted"] for e in result["episodes"]) / 2
+    assert result["adapt_change"]["share_reverted"] == share
 
 
 def test_trivial_floors_follow_the_labels(fss_dev):
