@@ -98,6 +98,32 @@ def adaptation_table() -> str:
     return "\n".join(rows)
 
 
+GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
+
+
+def gate_margin_table() -> str:
+    """What the support gate would have done at several margins, from runs that recorded the gate's
+    scores but kept every adaptation (``--adapt-set gate_margin=-1``): undoing an adaptation gives back
+    exactly the prediction before it, so each margin's outcome follows from the recorded IoUs."""
+    rows = ["| run | shots | episodes (seed) | margin (IoU pts) | kept | change (pts, mean +- s.e.) | "
+            "losing > 5 pts |", "|---|---|---|---|---|---|---|"]
+    for name in sorted(RESULTS.glob("eval_adapt_*.json")):
+        r = json.loads(name.read_text())
+        episodes = r["episodes"]
+        if "gate_margin=-1" not in (r["config"].get("adapt_set") or []) or "support_iou_after" not in episodes[0]:
+            continue
+        d = np.array([e["iou_after"] - e["iou_before"] for e in episodes]) * 100
+        gain = np.array([e["support_iou_after"] - e["support_iou_before"] for e in episodes])
+        for margin in (-1.0, *GATE_MARGINS):
+            keep = gain > margin
+            g = np.where(keep, d, 0.0)
+            label = "no gate" if margin < 0 else f"{100 * margin:g}"
+            rows.append(f"| `{name.name}` | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {label} | "
+                        f"{100 * keep.mean():.0f}% | {g.mean():+.2f} +- {g.std(ddof=1) / np.sqrt(len(g)):.2f} | "
+                        f"{100 * (g < -5).mean():.1f}% |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     print("### Accuracy\n")
     print(accuracy_table())
@@ -105,3 +131,5 @@ if __name__ == "__main__":
     print(adapted_evaluation_table())
     print("\n### Adaptation variants on the same episodes\n")
     print(adaptation_table())
+    print("\n### The support gate at other margins\n")
+    print(gate_margin_table())

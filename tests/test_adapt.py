@@ -98,11 +98,12 @@ def test_one_shot_views_and_progress(model, shots):
     assert all(np.isfinite(s.loss) and s.seconds >= 0 for s in seen)
 
 
-def test_one_shot_is_skipped_by_default_with_a_reason(model, shots):
+def test_one_shot_adapts_by_default_and_skip_says_why(model, shots):
+    assert AdaptConfig().one_shot == "views"
     p = _predictor(model, shots, k=1)
     query = shots[3][0]
     before = p.predict(query).prob
-    result = p.adapt(FAST)
+    result = p.adapt(dataclasses.replace(FAST, one_shot="skip"))
     assert result.steps == 0 and "at least 2 shots" in result.skipped
     assert not p.adapted
     np.testing.assert_array_equal(p.predict(query).prob, before)
@@ -228,7 +229,7 @@ def test_the_registry_note_on_adaptation_reaches_the_result(model, shots):
     try:
         assert p.adapt(FAST).note == entries[default].adapt_note
         single = _predictor(model, shots, k=1)
-        assert single.adapt(FAST).note is None  # skipped: its own message says why
+        assert single.adapt(dataclasses.replace(FAST, one_shot="skip")).note is None  # its own message says why
     finally:
         del model.adapt_note
 
