@@ -418,9 +418,7 @@ class Callbacks:
             result = predictor.adapt(config)
             timings["adapt"] = result.seconds
             info["adapt"] = {"steps": result.steps, "losses": [round(x, 5) for x in result.losses],
-                             "out_of_time": result.out_of_time, "skipped": result.skipped,
-                             "reverted": result.reverted, "support_iou_before": result.support_iou_before,
-                             "support_iou_after": result.support_iou_after}
+                             "out_of_time": result.out_of_time, "skipped": result.skipped, **result.gate_fields()}
             info["layers"] = [
                 {"layer": c.label, "score": round(c.score, 6),
                  "rising": [[i, round(v, 5)] for i, v in c.top(5, rising=True)],

@@ -101,26 +101,60 @@ def adaptation_table() -> str:
 GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
 
 
-def gate_margin_table() -> str:
-    """What the support gate would have done at several margins, from runs that recorded the gate's
-    scores but kept every adaptation (``--adapt-set gate_margin=-1``): undoing an adaptation gives back
-    exactly the prediction before it, so each margin's outcome follows from the recorded IoUs."""
-    rows = ["| run | shots | episodes (seed) | margin (IoU pts) | kept | change (pts, mean +- s.e.) | "
-            "losing > 5 pts |", "|---|---|---|---|---|---|---|"]
-    for name in sorted(RESULTS.glob("eval_adapt_*.json")):
-        r = json.loads(name.read_text())
-        episodes = r["episodes"]
-        if "gate_margin=-1" not in (r["config"].get("adapt_set") or []) or "support_iou_after" not in episodes[0]:
+def _changes(run: dict) -> np.ndarray:
+    """Per-episode IoU change of an ``evaluate --adapt`` run, in points."""
+    return np.array([e["iou_after"] - e["iou_before"] for e in run["episodes"]]) * 100
+
+
+def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(label, ungated change [pts], gate score gain [IoU])`` per run that recorded the gate's scores.
+
+    A run with ``gate_margin=-1`` kept every adaptation, so its own changes are the ungated ones. A
+    gated run is paired with a run without a gate of the same model, options, shots and seed over
+    their common episodes: an undone adaptation predicts exactly as before, and a kept one must give
+    exactly the query IoU of the run without a gate (checked; runs made with other code fail the
+    check), so both runs together give the ungated changes."""
+    runs = {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("eval_adapt_*.json"))}
+    sources = []
+    for name, r in runs.items():
+        if "support_iou_after" not in r["episodes"][0]:
             continue
-        d = np.array([e["iou_after"] - e["iou_before"] for e in episodes]) * 100
-        gain = np.array([e["support_iou_after"] - e["support_iou_before"] for e in episodes])
+        gain = np.array([e["support_iou_after"] - e["support_iou_before"] for e in r["episodes"]])
+        options = r["config"].get("adapt_set") or []
+        if "gate_margin=-1" in options:
+            sources.append((f"`{name}`", _changes(r), gain))
+            continue
+        key = (r["config"]["model"], options, r["config"]["shots"], r["config"]["seed"])
+        for other, u in runs.items():
+            if "support_iou_after" in u["episodes"][0] or key != (
+                    u["config"]["model"], u["config"].get("adapt_set") or [], u["config"]["shots"], u["config"]["seed"]):
+                continue
+            pairs = list(zip(r["episodes"], u["episodes"]))  # the common episodes
+            if all(a["query"] == b["query"] and (a["reverted"] or abs(a["iou_after"] - b["iou_after"]) < 1e-9)
+                   for a, b in pairs):
+                sources.append((f"`{name}` + `{other}`", _changes(u)[:len(pairs)], gain[:len(pairs)]))
+    return sources
+
+
+def gate_margin_table() -> str:
+    """What the support gate does at several margins (:func:`_gate_sources`), with the correlation
+    of its score's gain with the query's change and the mean ungated change of the undone and the kept
+    adaptations at margin 0."""
+    rows = ["| runs | episodes | margin (IoU pts) | kept | change (pts, mean +- s.e.) | minus no gate, paired | "
+            "losing > 5 pts | correlation | ungated change of undone / kept (pts) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for label, d, gain in _gate_sources():
+        corr = float(np.corrcoef(d, gain)[0, 1])
+        undone = d[gain <= 0]
+        split = f"{undone.mean():+.2f} / {d[gain > 0].mean():+.2f}" if undone.size else f"- / {d.mean():+.2f}"
         for margin in (-1.0, *GATE_MARGINS):
             keep = gain > margin
             g = np.where(keep, d, 0.0)
-            label = "no gate" if margin < 0 else f"{100 * margin:g}"
-            rows.append(f"| `{name.name}` | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {label} | "
+            extra = f"{corr:.2f} | {split}" if margin == 0 else " | "
+            paired = f"{(g - d).mean():+.2f} +- {(g - d).std(ddof=1) / np.sqrt(len(g)):.2f}" if margin >= 0 else ""
+            rows.append(f"| {label} | {len(d)} | {'no gate' if margin < 0 else f'{100 * margin:g}'} | "
                         f"{100 * keep.mean():.0f}% | {g.mean():+.2f} +- {g.std(ddof=1) / np.sqrt(len(g)):.2f} | "
-                        f"{100 * (g < -5).mean():.1f}% |")
+                        f"{paired} | {100 * (g < -5).mean():.1f}% | {extra} |")
     return "\n".join(rows)
 
 

@@ -5,6 +5,9 @@ Episodes come from the supports alone:
 * ``K >= 2``: leave-one-out - each support is the query of the other ``K - 1``.
 * ``K = 1``: the support against augmented views of itself (scale/crop, flip, colour jitter).
 
+By default a gate then scores the whole head on the supports before and after (``AdaptConfig.gate``)
+and undoes an adaptation that did not raise that score.
+
 The head and everything else stay frozen; BatchNorms are frozen by :func:`svf_model.apply_svf`.
 """
 
@@ -28,8 +31,8 @@ from .svf import svf_layers
 ONE_SHOT_MESSAGE = (
     "Adapt needs at least 2 shots: with one shot it can only learn from augmented copies of that "
     "shot, which did not help clearly on held-out classes (prototype-svf-lite2, 300 episodes: -0.3 IoU "
-    "points, 15 % of them lost more than 5; refine-svf-lite2, 100 episodes: +0.3 +- 1.1). Add another "
-    "shot and adapt again."
+    "points, 15 % of them lost more than 5; refine-svf-lite2 with the support gate, 300 episodes: +0.6, "
+    "s.e. 0.5). Add another shot and adapt again."
 )
 
 
@@ -169,6 +172,11 @@ class AdaptResult:
     support_iou_before: float | None = None  # gate scores (``AdaptConfig.gate``), IoU 0..1
     support_iou_after: float | None = None
     reverted: bool = False  # the gate restored the singular values
+
+    def gate_fields(self) -> dict[str, Any]:
+        """``{"reverted", "support_iou_before", "support_iou_after"}`` for reports (scores None without a gate)."""
+        return {"reverted": self.reverted, "support_iou_before": self.support_iou_before,
+                "support_iou_after": self.support_iou_after}
 
     @property
     def gate_message(self) -> str | None:

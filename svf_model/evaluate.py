@@ -159,12 +159,11 @@ def _adapt(predictor, steps: int | None, options: dict[str, Any] | None) -> Any:
 
 
 def gate_record(result: Any) -> dict[str, Any]:
-    """The support gate's scores and decision from an ``AdaptResult`` (empty without a gate)."""
-    before = getattr(result, "support_iou_before", None)
-    after = getattr(result, "support_iou_after", None)
-    if before is None:
+    """The support gate's scores and decision from an ``AdaptResult`` (empty without a gate, or for a
+    predictor whose ``adapt`` returns something else)."""
+    if getattr(result, "support_iou_before", None) is None:
         return {}
-    return {"support_iou_before": before, "support_iou_after": after, "reverted": bool(result.reverted)}
+    return result.gate_fields()
 
 
 def parse_adapt_options(items: Sequence[str]) -> dict[str, Any]:

@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             result = predictor.adapt(config, progress=lambda p: print(
                 f"adapt step {p.step}/{p.steps} loss {p.loss:.4f} {p.seconds:.1f}s", file=sys.stderr))
             report["adapt"] = {"steps": result.steps, "seconds": result.seconds, "skipped": result.skipped,
-                               "reverted": result.reverted, "support_iou_before": result.support_iou_before,
-                               "support_iou_after": result.support_iou_after}
+                               **result.gate_fields()}
             if result.gate_message:
                 print(result.gate_message, file=sys.stderr)
             if args.save_svf:
