@@ -170,6 +170,6 @@ def build_demo(store: ModelStore, examples_root: Path = ASSETS) -> gr.Blocks:
                 show_progress_on=[status],
             ).success(cb.segment, [state, queries], [state, *results_out, status], api_visibility="private",
                       show_progress_on=[results])
-        api_run.click(cb.api_predict, [api_images, api_masks, api_query, api_steps, api_gate], [api_mask, api_overlay, api_json],
-                      api_name="predict", concurrency_limit=2, concurrency_id="api")
+        api_run.click(cb.api_predict, [api_images, api_masks, api_query, api_steps, api_gate],
+                      [api_mask, api_overlay, api_json], api_name="predict", concurrency_limit=2, concurrency_id="api")
     return demo

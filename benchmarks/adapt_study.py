@@ -61,20 +61,21 @@ def iou(pred: np.ndarray, label: np.ndarray) -> float:
     return float((p & fg).sum() / union) if union else 1.0
 
 
-def adapt_other_target(model, predictor: Predictor, config: AdaptConfig, query) -> np.ndarray:  # noqa: ANN001
+def adapt_other_target(model, predictor: Predictor, config: AdaptConfig, query) -> tuple[np.ndarray, bool]:  # noqa: ANN001
     """Adapt ``config.target`` (``bn``/``full``) of the registry's adapt modules on the predictor's
-    supports, segment ``query`` with the adapted model, then put the original blocks back."""
+    supports, segment ``query`` with the adapted model, then put the original blocks back.
+    Returns the query's mask and whether the support gate undid the adaptation."""
     config = dataclasses.replace(config, modules=config.modules or list(model.adapt_modules))
     paths = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, config.modules)})
     originals = {p: copy.deepcopy(model.backbone.get_submodule(p)) for p in paths}
     try:
-        adapt_svf(model, predictor._supports, predictor._support_masks, config)
+        result = adapt_svf(model, predictor._supports, predictor._support_masks, config)
         img = load_image(query)
         x = letterbox_image(img, predictor.image_size, model.backbone.mean, model.backbone.std)
         with torch.no_grad():
             cache = model.encode_supports(predictor._supports[None], predictor._support_masks[None])
             logits = model.segment(x[None], cache)
-        return unletterbox_logits(logits, *img.shape[:2]).softmax(1)[0, 1].numpy() > 0.5
+        return unletterbox_logits(logits, *img.shape[:2]).softmax(1)[0, 1].numpy() > 0.5, result.reverted
     finally:
         for path, block in originals.items():
             parent, _, child = path.rpartition(".")
@@ -115,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             for name, config in variants:
                 t0 = time.perf_counter()
                 if config.target == "svf":
-                    predictor.adapt(config)
+                    reverted = predictor.adapt(config).reverted
                     after = iou(predictor.predict(ep.query).mask, ep.query_mask)
                     predictor.reset()
                 else:
-                    after = iou(adapt_other_target(model, predictor, config, ep.query), ep.query_mask)
+                    mask, reverted = adapt_other_target(model, predictor, config, ep.query)
+                    after = iou(mask, ep.query_mask)
                 rows[name].append({"class": ep.class_name, "iou_before": before, "iou_after": after,
-                                   "seconds": time.perf_counter() - t0})
+                                   "reverted": reverted, "seconds": time.perf_counter() - t0})
             means = "  ".join(f"{n}: {np.mean([r['iou_after'] - r['iou_before'] for r in rows[n]]) * 100:+.2f}"
                               for n, _ in variants)
             print(f"[{i + 1}/{len(episodes)}] {time.perf_counter() - start:.0f}s  {means}", file=sys.stderr,
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "std_change": float(delta.std(ddof=1)) if len(delta) > 1 else 0.0,
             "se_change": float(delta.std(ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else 0.0,
             "share_losing_5pts": float((delta < -5).mean()), "share_gaining_5pts": float((delta > 5).mean()),
+            "share_reverted": float(np.mean([x["reverted"] for x in r])),
             "seconds": {"median": float(np.median(secs)), "p90": float(np.percentile(secs, 90))},
             "episodes": r,
         }

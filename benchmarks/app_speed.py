@@ -23,6 +23,10 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from svf_model.adapt import AdaptConfig  # noqa: E402
+
 FSS_DEV = Path(os.environ.get("FSS_DEV", REPO.parent / "shared" / "data" / "fss-dev"))
 TARGETS = {"page_ready_s": 15.0, "segment_s": 2.0, "adapt_5_shots_s": 30.0}
 
@@ -105,7 +109,8 @@ def main() -> None:
         for photo, mask in pairs[1:5]:
             client.predict(editor(photo), handle_file(mask), api_name="/add_shot")
         t = time.perf_counter()
-        out = client.predict(queries, 10, 0.01, True, api_name="/adapt")  # steps, lr, gate
+        defaults = AdaptConfig()  # what the page's Adapt button starts with
+        out = client.predict(queries, defaults.steps, defaults.lr, defaults.gate == "support", api_name="/adapt")
         adapt_event = time.perf_counter() - t
         status = out[-1]
         inner = re.search(r"(\d+) steps in ([\d.]+) s", status)

@@ -62,6 +62,48 @@ def accuracy_table() -> str:
     return "\n".join(rows)
 
 
+def _options(run: dict) -> list[str]:
+    """The run's ``--adapt-set`` items; for runs made before the loss default became ``balanced``
+    (they do not record ``adapt_config``), the ``loss=ce`` that their ``loss="auto"`` meant with
+    2 or more shots."""
+    options = list(run["config"].get("adapt_set") or [])
+    legacy = "adapt_config" not in run["config"] and run["config"]["shots"] >= 2
+    if legacy and not any(o.startswith("loss=") for o in options):
+        options.append("loss=ce")
+    return options
+
+
+def _label(run: dict) -> str:
+    """Options and whether the support gate ran, e.g. ``loss=ce`` + gate."""
+    gated = "reverted" in run["episodes"][0]
+    return (" ".join(f"`{o}`" for o in _options(run)) or "defaults") + (", gate" if gated else ", no gate")
+
+
+def paired_runs_table(min_episodes: int = 100) -> str:
+    """Every two ``evaluate --adapt`` runs of the same model, shots and seed with at least
+    ``min_episodes`` episodes in common (checked: same queries in the same order): the per-episode
+    IoU change of the first minus that of the second, on their common episodes."""
+    runs = {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("eval_adapt_*.json"))}
+    rows = ["| run | minus run | episodes | options | minus options | change minus change (pts, mean +- s.e.) |",
+            "|---|---|---|---|---|---|"]
+    names = list(runs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = runs[a], runs[b]
+            same = all(ra["config"][k] == rb["config"][k] for k in ("model", "shots", "seed", "classes"))
+            pairs = list(zip(ra["episodes"], rb["episodes"], strict=False))
+            if not same or len(pairs) < min_episodes or any(x["query"] != y["query"] for x, y in pairs):
+                continue
+            diff = np.array([(x["iou_after"] - x["iou_before"]) - (y["iou_after"] - y["iou_before"])
+                             for x, y in pairs]) * 100
+            if not diff.any():
+                continue
+            opt_a, opt_b = _label(ra), _label(rb)
+            rows.append(f"| `{a}` | `{b}` | {len(diff)} | {opt_a} | {opt_b} | "
+                        f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.2f} |")
+    return "\n".join(rows)
+
+
 def adapted_evaluation_table() -> str:
     """The ``evaluate --adapt`` runs (``eval_adapt_*.json``): the defaults, many episodes."""
     rows = ["| model | options | gate | shots | episodes (seed) | mIoU before -> after | FB-IoU before -> after | "
@@ -73,7 +115,7 @@ def adapted_evaluation_table() -> str:
         d = np.array([e["iou_after"] - e["iou_before"] for e in r["episodes"]]) * 100
         sec = r["adapt_seconds"]
         model = r["config"]["model"] or Path(r["config"]["checkpoint"] or "?").name
-        options = " ".join(f"`{o}`" for o in r["config"].get("adapt_set") or []) or "defaults"
+        options = " ".join(f"`{o}`" for o in _options(r)) or "defaults"
         gated = [e["reverted"] for e in r["episodes"] if "reverted" in e]
         gate = f"support ({100 * np.mean(gated):.0f}% undone)" if gated else "none"
         rows.append(f"| {model} | {options} | {gate} | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | "
@@ -85,16 +127,30 @@ def adapted_evaluation_table() -> str:
 
 
 def adaptation_table() -> str:
+    """One row per variant of each ``adapt_study_*.json``; *minus first, paired*: the per-episode
+    change minus that of the file's first variant on the same episode (mean +- s.e.)."""
     rows = ["| shots | model | variant | episodes | IoU before | IoU after | change (pts) | s.d. | s.e. | "
-            "episodes losing > 5 pts | median s | p90 s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "minus first variant, paired | episodes losing > 5 pts | gate undid | median s | p90 s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(RESULTS.glob("adapt_study_*.json")):
         data = json.loads(name.read_text())
+        first = None
         for variant, v in data["variants"].items():
             sec = v["seconds"]
+            change = np.array([e["iou_after"] - e["iou_before"] for e in v["episodes"]]) * 100
+            paired = ""
+            if first is None:
+                first = change
+            else:
+                diff = change - first
+                paired = f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.2f}"
+            undid = f"{100 * v['share_reverted']:.0f}%" if "share_reverted" in v else "no gate"
+            if v["config"].get("loss") == "auto" and data["shots"] >= 2:  # before balanced became the default
+                variant += ":loss=ce" if ":" not in variant else ",loss=ce"
             rows.append(f"| {data['shots']} | {data['model']} | `{variant}` | {data['episodes']} | "
                         f"{v['mean_before']:.1f} | {v['mean_after']:.1f} | {v['mean_change']:+.2f} | "
-                        f"{v['std_change']:.2f} | {v['se_change']:.2f} | {100 * v['share_losing_5pts']:.0f}% | "
-                        f"{sec['median']:.1f} | {sec['p90']:.1f} |")
+                        f"{v['std_change']:.2f} | {v['se_change']:.2f} | {paired} | "
+                        f"{100 * v['share_losing_5pts']:.0f}% | {undid} | {sec['median']:.1f} | {sec['p90']:.1f} |")
     return "\n".join(rows)
 
 
@@ -126,10 +182,11 @@ def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
             continue
         key = (r["config"]["model"], options, r["config"]["shots"], r["config"]["seed"])
         for other, u in runs.items():
+            cfg = u["config"]
             if "support_iou_after" in u["episodes"][0] or key != (
-                    u["config"]["model"], u["config"].get("adapt_set") or [], u["config"]["shots"], u["config"]["seed"]):
+                    cfg["model"], cfg.get("adapt_set") or [], cfg["shots"], cfg["seed"]):
                 continue
-            pairs = list(zip(r["episodes"], u["episodes"]))  # the common episodes
+            pairs = list(zip(r["episodes"], u["episodes"], strict=False))  # the common episodes
             if all(a["query"] == b["query"] and (a["reverted"] or abs(a["iou_after"] - b["iou_after"]) < 1e-9)
                    for a, b in pairs):
                 sources.append((f"`{name}` + `{other}`", _changes(u)[:len(pairs)], gain[:len(pairs)]))
@@ -163,6 +220,8 @@ if __name__ == "__main__":
     print(accuracy_table())
     print("\n### Adaptation with the defaults\n")
     print(adapted_evaluation_table())
+    print("\n### Adapted runs paired on their common episodes\n")
+    print(paired_runs_table())
     print("\n### Adaptation variants on the same episodes\n")
     print(adaptation_table())
     print("\n### The support gate at other margins\n")

@@ -53,9 +53,9 @@ class AdaptConfig:
         one_shot: ``"views"`` (1 shot: adapt against augmented views of the shot, with the support
             gate checking on fresh views) or ``"skip"`` (do nothing and say why). With the shipped
             default model and the gate, 300 held-out 1-shot episodes changed by +0.6 +- 8.7 IoU points
-            (s.e. 0.5; 11 % lost more than 5, 21 % gained more than 5) - no worse than 5 shots
-            (-0.5, s.e. 0.5), so it is on; without the gate, the previous default lost -0.3 on the
-            same episodes (README, "Adaptation").
+            (s.e. 0.5; 11 % lost more than 5, 21 % gained more than 5), about as much as with 5
+            shots (+0.8, s.e. 0.5), so it is on; without the gate, the previous default lost -0.3 on
+            the same episodes (README, "Adaptation").
         optimizer: ``"layer_sgd"`` (gradient descent with each layer's gradient scaled to unit RMS:
             a scale-free step that keeps the relative sizes of the changes within a layer, which the
             cue panel shows) or ``"adam"`` (per-value normalisation: every value moves by about
@@ -65,20 +65,20 @@ class AdaptConfig:
         target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
             (BatchNorm affine of the SVF stages) and ``"full"`` (every weight of those stages).
             The comparison targets modify the model they are given: pass a copy.
-        loss: ``"ce"`` (pixel cross-entropy), ``"balanced"`` (the mean of the foreground and the
-            background pixels' cross-entropies, so a small object weighs as much as its background)
-            or ``"auto"``: balanced for 1-shot views, ce for leave-one-out. Measured on held-out
-            fss-dev classes (README, "Adaptation"): with plain cross-entropy, 1-shot adaptation
-            against views lost about 6 IoU points on average; with the balanced loss the average
-            change is about 0; with K >= 2 both losses did the same.
+        loss: ``"balanced"`` (the mean of the foreground and the background pixels'
+            cross-entropies, so a small object weighs as much as its background) or ``"ce"`` (pixel
+            cross-entropy). Measured on held-out fss-dev classes (README, "Adaptation"): with plain
+            cross-entropy, 1-shot adaptation against views lost about 6 IoU points on average; with
+            5 shots, the default model and the gate, 300 episodes: balanced +0.8 (s.e. 0.5), ce -0.5,
+            paired +1.3 +- 0.6 for balanced.
         objective: whose logits the loss is computed on: ``"head"`` (the model's own head) or
             ``"prototype"`` (for a head with a learned refinement on prototype logits, such as
             ``prototype_refine``: the prototype logits alone, without priors or refinement; the
             predictions after adaptation still use the whole head). ``"auto"``: ``prototype`` when
-            the head offers it (``head.prototype_only()``), else ``head``. With the default model on
-            the same 10 five-shot held-out episodes (README, "Adaptation"): prototype +3.1 IoU points
-            in 11 s (median), head +1.3 in 47 s - the head's priors compare every query position
-            with every support position in each leave-one-out step.
+            the head offers it (``head.prototype_only()``), else ``head``. With the default model
+            ``head`` costs 2.3x the time of ``prototype`` (benchmarks/adapt_step.py: the priors
+            compare every query position with every support position in each leave-one-out step)
+            and did not clearly gain more (README, "Adaptation").
         gate: ``"support"``: after training, score the whole head on the supports before and after
             (pooled foreground IoU of the leave-one-out predictions; with one shot, of the shot
             against fresh augmented views it did not train on) and keep the adaptation only if the
@@ -97,7 +97,7 @@ class AdaptConfig:
     optimizer: str = "layer_sgd"
     modules: list[str] | None = None
     target: str = "svf"
-    loss: str = "auto"
+    loss: str = "balanced"
     objective: str = "auto"
     gate: str = "support"
     gate_margin: float = 0.0
@@ -295,7 +295,7 @@ def _baseline_target(target: str):
     return trainer
 
 
-def episode_loss(model: FewShotSegmenter, episode: tuple[torch.Tensor, ...], loss: str = "ce") -> torch.Tensor:
+def episode_loss(model: FewShotSegmenter, episode: tuple[torch.Tensor, ...], loss: str = "balanced") -> torch.Tensor:
     """Loss of one batch of adaptation episodes (``loss``: ``ce`` or ``balanced``, see AdaptConfig and
     :func:`svf_model.losses.segmentation_loss`; 255 ignored)."""
     head, backbone = model.head, model.backbone
@@ -381,9 +381,8 @@ def adapt_svf(
             fresh, fresh_masks = augmented_views(images[0], labels[0], config.views, mean, std, config.seed + 1)
             check = (images, labels, fresh, fresh_masks)
 
-    loss_kind = config.loss if config.loss != "auto" else ("balanced" if k == 1 else "ce")
-    if loss_kind not in ("ce", "balanced"):
-        raise ValueError(f"loss must be auto, ce or balanced, got {config.loss!r}")
+    if config.loss not in ("ce", "balanced"):
+        raise ValueError(f"loss must be balanced or ce, got {config.loss!r}")
     was_training = model.training
     model.eval()
     result = AdaptResult(0, 0.0)
@@ -393,7 +392,7 @@ def adapt_svf(
         initial = [p.detach().clone() for p, _ in params]
         if config.gate != "off":
             result.support_iou_before = support_score(model, check)
-        _train(model, episode, loss_kind, params, config, objective, result, start, progress, should_stop)
+        _train(model, episode, params, config, objective, result, start, progress, should_stop)
         if config.gate != "off" and not result.cancelled and result.steps:
             result.support_iou_after = support_score(model, check)
             result.reverted = result.support_iou_after <= result.support_iou_before + config.gate_margin
@@ -409,7 +408,6 @@ def adapt_svf(
 def _train(
     model: FewShotSegmenter,
     episode: tuple[torch.Tensor, ...],
-    loss_kind: str,
     params: list[tuple[torch.nn.Parameter, float]],
     config: AdaptConfig,
     objective: contextlib.AbstractContextManager,
@@ -430,7 +428,7 @@ def _train(
                 result.out_of_time = True
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss = episode_loss(model, episode, loss_kind)
+            loss = episode_loss(model, episode, config.loss)
             loss.backward()
             optimizer.step()
             with torch.no_grad():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -316,9 +317,11 @@ def format_table(result: dict[str, Any]) -> str:
     if "adapt_change" in result:
         c = result["adapt_change"]
         lines.append(f"IoU change per episode (pts): mean {c['mean']:+.2f}, s.d. {c['std']:.2f}, s.e. {c['se']:.2f}; "
-                     f"{100 * c['share_losing_5pts']:.1f}% lose > 5 pts, {100 * c['share_gaining_5pts']:.1f}% gain > 5")
+                     f"{100 * c['share_losing_5pts']:.1f}% lose > 5 pts, "
+                     f"{100 * c['share_gaining_5pts']:.1f}% gain > 5")
         if "share_reverted" in c:
-            lines.append(f"support gate: {100 * c['share_reverted']:.1f}% of the adaptations rejected (model unchanged)")
+            lines.append(f"support gate: {100 * c['share_reverted']:.1f}% of the adaptations rejected "
+                         "(model unchanged)")
     return "\n".join(lines)
 
 
@@ -374,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in ("quiet",)}
     config.update(sampling=args.sampling or source.default_mode, torch=torch.__version__,
                   device_used=str(getattr(predictor, "device", args.device)), data_root_resolved=str(source.root))
+    if args.adapt:  # every AdaptConfig field (modules None: the registry's), so later defaults cannot relabel a run
+        from .adapt import AdaptConfig
+
+        steps = {} if args.adapt_steps is None else {"steps": args.adapt_steps}
+        config["adapt_config"] = dataclasses.asdict(AdaptConfig(**{**adapt_options, **steps}))
     result = evaluate(predictor, episodes, adapt=args.adapt, adapt_steps=args.adapt_steps,
                       adapt_options=adapt_options,
                       progress=not args.quiet, relpath=source.relpath, config=config,

@@ -186,11 +186,12 @@ def test_prototype_objective_skips_the_refinement_while_adapting(lite2, shots):
     images = torch.stack([letterbox_image(img, 129, backbone.mean, backbone.std) for img, _ in shots[:3]])
     masks = torch.stack([letterbox_mask(mask, 129) for _, mask in shots[:3]]).float()
     with torch.no_grad():
-        whole = episode_loss(model, (images, masks))
+        whole = episode_loss(model, (images, masks), FAST.loss)
         with adaptation_objective(model, "prototype"):
-            prototype = episode_loss(model, (images, masks))
+            prototype = episode_loss(model, (images, masks), FAST.loss)
         plain = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
-        torch.testing.assert_close(prototype, episode_loss(plain.eval(), (images, masks)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(prototype, episode_loss(plain.eval(), (images, masks), FAST.loss),
+                                   rtol=1e-5, atol=1e-6)
     assert not torch.isclose(whole, prototype)
     assert head._prototype_only is False  # the context restores the head
 

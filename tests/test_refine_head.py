@@ -113,6 +113,31 @@ def test_region_prior_equals_the_masked_prior(lite2, shots):
                                rtol=0, atol=1e-5)
 
 
+def test_region_prior_gradient_equals_the_dense_prior_gradient(lite2, shots):
+    """Under autograd (adaptation with the whole head as objective, meta-training) the gathered prior
+    gives the values and the gradients of PFENet's prior on masked features."""
+    from svf_model.heads.blocks import prior_mask
+    from svf_model.heads.refine import region_prior
+    from svf_model.model import resize_mask
+
+    images, masks = shots
+    with torch.no_grad():
+        f4 = lite2(images)["layer4"].double()
+    fg, _ = resize_mask(masks, f4.shape[-2:])
+    weight = fg[1:].double()[None]  # [1, 3, 1, h, w]
+    grads = []
+    for prior in (region_prior, lambda q, s, w: prior_mask(q, s * w)):
+        query = f4[:1].clone().requires_grad_(True)
+        support = f4[None, 1:].clone().requires_grad_(True)
+        out = prior(query, support, weight)
+        torch.manual_seed(0)
+        (out * torch.randn_like(out)).sum().backward()
+        grads.append((out.detach(), query.grad, support.grad))
+    for mine, dense in zip(*grads, strict=True):
+        assert mine.abs().sum() > 0
+        torch.testing.assert_close(mine, dense, rtol=1e-6, atol=1e-9)
+
+
 def test_min_shots_keeps_single_shots_on_the_prototype_logits(lite2, shots):
     images, masks = shots
     head = randomised(build_head("prototype_refine", lite2, stages=STAGES, min_shots=2)).eval()

@@ -131,13 +131,19 @@ def test_tiny_training_runs_resumes_and_evaluates(fss_dev, tmp_path):
     assert all(k.startswith(("head.", "backbone.layer4.")) for k in a)
     for key, value in trainable_state(model).items():
         assert torch.equal(value, a[key])
+    from svf_model.adapt import AdaptConfig
     from svf_model.evaluate import main as evaluate_main
 
     out = tmp_path / "eval.json"
     evaluate_main(["--checkpoint", str(run_a / "model.safetensors"), "--data", str(fss_dev), "--classes",
-                   "video_cows", "street_sky", "--shots", "1", "--episodes", "2", "--json", str(out), "--quiet"])
+                   "video_cows", "street_sky", "--shots", "2", "--episodes", "2", "--json", str(out), "--quiet",
+                   "--adapt", "--adapt-steps", "1", "--adapt-set", "lr=0.02", "image_size=97"])
     report = json.loads(out.read_text())
     assert report["config"]["size"] == 97 and len(report["episodes"]) == 2
+    assert all("iou_before" in e and "support_iou_before" in e for e in report["episodes"])
+    used = report["config"]["adapt_config"]  # every AdaptConfig field, options and defaults resolved
+    assert (used["steps"], used["lr"], used["image_size"]) == (1, 0.02, 97)
+    assert used["loss"] == AdaptConfig().loss and used["gate"] == AdaptConfig().gate
 
 
 def _small_model():
