@@ -1,6 +1,7 @@
 """Print the README's result tables from the JSON files in ``benchmarks/results/``.
 
-    python benchmarks/summarize.py            # markdown on stdout
+    python benchmarks/summarize.py                    # markdown on stdout
+    python benchmarks/summarize.py --min-episodes 30  # also pair runs sharing only 30+ episodes
 """
 
 from __future__ import annotations
@@ -216,12 +217,18 @@ def gate_margin_table() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--min-episodes", type=int, default=100,
+                    help="fewest common episodes for a pair in the paired-runs table")
+    args = ap.parse_args()
     print("### Accuracy\n")
     print(accuracy_table())
     print("\n### Adaptation with the defaults\n")
     print(adapted_evaluation_table())
     print("\n### Adapted runs paired on their common episodes\n")
-    print(paired_runs_table())
+    print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")
     print(adaptation_table())
     print("\n### The support gate at other margins\n")

@@ -277,6 +277,9 @@ def test_support_gate_scores_the_shots_and_keeps_or_restores(model, shots):
 
     with pytest.raises(ValueError, match="gate"):
         adapt_svf(model, images, masks, dataclasses.replace(config, gate="loo"))
+    with pytest.raises(ValueError, match="loss must be balanced or ce"):
+        adapt_svf(model, images, masks, dataclasses.replace(config, loss="auto"))  # the former default
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
 
 
 def test_rejected_adaptation_leaves_the_predictor_as_it_was(model, shots):
