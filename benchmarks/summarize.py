@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -63,6 +64,16 @@ def accuracy_table() -> str:
     return "\n".join(rows)
 
 
+def _adapt_runs() -> dict[str, dict]:
+    """``{file name: run}`` of every ``evaluate --adapt`` result, sorted by name."""
+    return {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("eval_adapt_*.json"))}
+
+
+def _changes(run: dict) -> np.ndarray:
+    """Per-episode IoU change of an ``evaluate --adapt`` run (or an adapt_study variant), in points."""
+    return np.array([e["iou_after"] - e["iou_before"] for e in run["episodes"]]) * 100
+
+
 def _options(run: dict) -> list[str]:
     """The run's ``--adapt-set`` items; for runs made before the loss default became ``balanced``
     (they do not record ``adapt_config``), the ``loss=ce`` that their ``loss="auto"`` meant with
@@ -84,7 +95,7 @@ def paired_runs_table(min_episodes: int = 100) -> str:
     """Every two ``evaluate --adapt`` runs of the same model, shots and seed with at least
     ``min_episodes`` episodes in common (checked: same queries in the same order): the per-episode
     IoU change of the first minus that of the second, on their common episodes."""
-    runs = {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("eval_adapt_*.json"))}
+    runs = _adapt_runs()
     rows = ["| run | minus run | episodes | options | minus options | change minus change (pts, mean +- s.e.) |",
             "|---|---|---|---|---|---|"]
     names = list(runs)
@@ -95,8 +106,7 @@ def paired_runs_table(min_episodes: int = 100) -> str:
             pairs = list(zip(ra["episodes"], rb["episodes"], strict=False))
             if not same or len(pairs) < min_episodes or any(x["query"] != y["query"] for x, y in pairs):
                 continue
-            diff = np.array([(x["iou_after"] - x["iou_before"]) - (y["iou_after"] - y["iou_before"])
-                             for x, y in pairs]) * 100
+            diff = _changes(ra)[:len(pairs)] - _changes(rb)[:len(pairs)]
             if not diff.any():
                 continue
             opt_a, opt_b = _label(ra), _label(rb)
@@ -113,7 +123,7 @@ def adapted_evaluation_table() -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(RESULTS.glob("eval_adapt_*.json")):
         r = json.loads(name.read_text())
-        d = np.array([e["iou_after"] - e["iou_before"] for e in r["episodes"]]) * 100
+        d = _changes(r)
         sec = r["adapt_seconds"]
         model = r["config"]["model"] or Path(r["config"]["checkpoint"] or "?").name
         options = " ".join(f"`{o}`" for o in _options(r)) or "defaults"
@@ -138,7 +148,7 @@ def adaptation_table() -> str:
         first = None
         for variant, v in data["variants"].items():
             sec = v["seconds"]
-            change = np.array([e["iou_after"] - e["iou_before"] for e in v["episodes"]]) * 100
+            change = _changes(v)
             paired = ""
             if first is None:
                 first = change
@@ -158,11 +168,6 @@ def adaptation_table() -> str:
 GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
 
 
-def _changes(run: dict) -> np.ndarray:
-    """Per-episode IoU change of an ``evaluate --adapt`` run, in points."""
-    return np.array([e["iou_after"] - e["iou_before"] for e in run["episodes"]]) * 100
-
-
 def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(label, ungated change [pts], gate score gain [IoU])`` per run that recorded the gate's scores.
 
@@ -171,7 +176,7 @@ def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
     their common episodes: an undone adaptation predicts exactly as before, and a kept one must give
     exactly the query IoU of the run without a gate (checked; runs made with other code fail the
     check), so both runs together give the ungated changes."""
-    runs = {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("eval_adapt_*.json"))}
+    runs = _adapt_runs()
     sources = []
     for name, r in runs.items():
         if "support_iou_after" not in r["episodes"][0]:
@@ -217,8 +222,6 @@ def gate_margin_table() -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--min-episodes", type=int, default=100,
                     help="fewest common episodes for a pair in the paired-runs table")
