@@ -14,7 +14,9 @@ Usage::
         --json benchmarks/results/adapt_5shot.json
 
 A variant is ``target[:key=value,...]`` with ``AdaptConfig`` fields (``steps``, ``lr``, ...;
-``modules=layer4+layer3.5`` lists module paths).
+``modules=layer4+layer3.5`` lists module paths). ``--grouped`` also decomposes the grouped
+(depthwise) convs of the model's adapt modules (``apply_svf(kinds={"grouped"})``: one singular value
+per depthwise channel), so ``svf`` variants train those values too.
 Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
 that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
 """
@@ -42,6 +44,7 @@ from svf_model.imageio import load_image  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
 from svf_model.preprocess import letterbox_image, unletterbox_logits  # noqa: E402
 from svf_model.registry import load_model  # noqa: E402
+from svf_model.svf import apply_svf  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
 
@@ -64,22 +67,28 @@ def iou(pred: np.ndarray, label: np.ndarray) -> float:
 def adapt_other_target(model, predictor: Predictor, config: AdaptConfig, query) -> tuple[np.ndarray, bool]:  # noqa: ANN001
     """Adapt ``config.target`` (``bn``/``full``) of the registry's adapt modules on the predictor's
     supports, segment ``query`` with the adapted model, then put the original blocks back.
-    Returns the query's mask and whether the support gate undid the adaptation."""
+    Returns the query's mask and whether the support gate undid the adaptation.
+
+    It runs inside the predictor's ``_active()``, which loads the predictor's own singular values
+    (the base ones after ``reset()``) into the shared model first: without it the model would still
+    hold the values a preceding ``svf`` variant adapted and predicted with, and this variant would
+    start from them."""
     config = dataclasses.replace(config, modules=config.modules or list(model.adapt_modules))
     paths = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, config.modules)})
-    originals = {p: copy.deepcopy(model.backbone.get_submodule(p)) for p in paths}
-    try:
-        result = adapt_svf(model, predictor._supports, predictor._support_masks, config)
-        img = load_image(query)
-        x = letterbox_image(img, predictor.image_size, model.backbone.mean, model.backbone.std)
-        with torch.no_grad():
-            cache = model.encode_supports(predictor._supports[None], predictor._support_masks[None])
-            logits = model.segment(x[None], cache)
-        return unletterbox_logits(logits, *img.shape[:2]).softmax(1)[0, 1].numpy() > 0.5, result.reverted
-    finally:
-        for path, block in originals.items():
-            parent, _, child = path.rpartition(".")
-            setattr(model.backbone.get_submodule(parent), child, block)
+    with predictor._active():
+        originals = {p: copy.deepcopy(model.backbone.get_submodule(p)) for p in paths}
+        try:
+            result = adapt_svf(model, predictor._supports, predictor._support_masks, config)
+            img = load_image(query)
+            x = letterbox_image(img, predictor.image_size, model.backbone.mean, model.backbone.std)
+            with torch.no_grad():
+                cache = model.encode_supports(predictor._supports[None], predictor._support_masks[None])
+                logits = model.segment(x[None], cache)
+            return unletterbox_logits(logits, *img.shape[:2]).softmax(1)[0, 1].numpy() > 0.5, result.reverted
+        finally:
+            for path, block in originals.items():
+                parent, _, child = path.rpartition(".")
+                setattr(model.backbone.get_submodule(parent), child, block)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,12 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["svf"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memo-gb", type=float, default=3.0, help="feature memo budget (see svf_model.feature_memo)")
+    ap.add_argument("--grouped", action="store_true",
+                    help="also decompose the adapt modules' grouped/depthwise convs (their values train too)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, entry = load_model(args.model)
+    if args.grouped:
+        for path in model.adapt_modules:
+            apply_svf(model.backbone.get_submodule(path), kinds={"grouped"}, parametrization=entry.parametrization)
     size = args.size or entry.image_size
     _, held_out = split_classes(list_classes(args.data), 0.2, 0)
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)
@@ -128,12 +142,28 @@ def main(argv: list[str] | None = None) -> int:
                               for n, _ in variants)
             print(f"[{i + 1}/{len(episodes)}] {time.perf_counter() - start:.0f}s  {means}", file=sys.stderr,
                   flush=True)
+            if args.json:  # after every episode, so an interrupted study keeps what it measured
+                write_json(args.json, summarize(variants, rows), args, i + 1, entry.name, size, held_out)
 
-    summary = {}
+    summary = summarize(variants, rows)
     print(f"\n{args.shots}-shot, {len(episodes)} episodes of {len(held_out)} held-out classes, model "
           f"{entry.name}, size {size}\n")
     print("| variant | mean IoU before | mean IoU after | change (pts) | std | s.e. | episodes losing >5 pts "
           "| median s | p90 s |\n|---|---|---|---|---|---|---|---|---|")
+    for name, _ in variants:
+        s = summary[name]
+        print(f"| {name} | {s['mean_before']:.1f} | {s['mean_after']:.1f} | {s['mean_change']:+.2f} | "
+              f"{s['std_change']:.2f} | {s['se_change']:.2f} | {100 * s['share_losing_5pts']:.1f}% | "
+              f"{s['seconds']['median']:.1f} | {s['seconds']['p90']:.1f} |")
+    if args.json:
+        write_json(args.json, summary, args, len(episodes), entry.name, size, held_out)
+    return 0
+
+
+def summarize(variants: list[tuple[str, AdaptConfig]], rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant: its config, mean IoU before/after and change (points) with spread, shares of
+    episodes losing/gaining more than 5 points or undone by the gate, seconds, and the episodes."""
+    summary = {}
     for name, config in variants:
         r = rows[name]
         delta = np.array([x["iou_after"] - x["iou_before"] for x in r]) * 100
@@ -148,17 +178,19 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": {"median": float(np.median(secs)), "p90": float(np.percentile(secs, 90))},
             "episodes": r,
         }
-        s = summary[name]
-        print(f"| {name} | {s['mean_before']:.1f} | {s['mean_after']:.1f} | {s['mean_change']:+.2f} | "
-              f"{s['std_change']:.2f} | {s['se_change']:.2f} | {100 * s['share_losing_5pts']:.1f}% | "
-              f"{s['seconds']['median']:.1f} | {s['seconds']['p90']:.1f} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"shots": args.shots, "episodes": len(episodes), "seed": args.seed,
-                                               "model": entry.name, "image_size": size, "held_out": held_out,
-                                               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                                               "variants": summary}, indent=1))
-    return 0
+    return summary
+
+
+def write_json(path: str, summary: dict[str, dict], args: argparse.Namespace, done: int, model: str, size: int,
+               held_out: list[str]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"shots": args.shots, "episodes": done, "seed": args.seed, "model": model,
+                                      "svf_grouped": args.grouped, "image_size": size, "held_out": held_out,
+                                      # bn/full variants start from the base singular values (see
+                                      # adapt_other_target); files without this key predate that fix
+                                      "comparison_targets_from_base": True,
+                                      "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                                      "variants": summary}, indent=1))
 
 
 if __name__ == "__main__":

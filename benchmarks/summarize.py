@@ -137,16 +137,33 @@ def adapted_evaluation_table() -> str:
     return "\n".join(rows)
 
 
+def _study_variants(data: dict) -> dict[str, dict]:
+    """The variants of an ``adapt_study`` file that measured what they say. Files written before
+    ``comparison_targets_from_base`` existed ran a ``bn``/``full`` variant on the singular values the
+    preceding ``svf`` variant had adapted (the predictor left them loaded in the shared model), so
+    their ``bn``/``full`` variants that follow an ``svf`` one are left out."""
+    if data.get("comparison_targets_from_base"):
+        return data["variants"]
+    kept, seen_svf = {}, False
+    for name, v in data["variants"].items():
+        if v["config"]["target"] != "svf" and seen_svf:
+            continue
+        seen_svf |= v["config"]["target"] == "svf"
+        kept[name] = v
+    return kept
+
+
 def adaptation_table() -> str:
-    """One row per variant of each ``adapt_study_*.json``; *minus first, paired*: the per-episode
-    change minus that of the file's first variant on the same episode (mean +- s.e.)."""
+    """One row per variant of each ``adapt_study_*.json`` (see :func:`_study_variants`); *minus
+    first, paired*: the per-episode change minus that of the file's first variant on the same
+    episode (mean +- s.e.)."""
     rows = ["| shots | model | variant | episodes | IoU before | IoU after | change (pts) | s.d. | s.e. | "
             "minus first variant, paired | episodes losing > 5 pts | gate undid | median s | p90 s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(RESULTS.glob("adapt_study_*.json")):
         data = json.loads(name.read_text())
         first = None
-        for variant, v in data["variants"].items():
+        for variant, v in _study_variants(data).items():
             sec = v["seconds"]
             change = _changes(v)
             paired = ""
@@ -158,10 +175,61 @@ def adaptation_table() -> str:
             undid = f"{100 * v['share_reverted']:.0f}%" if "share_reverted" in v else "no gate"
             if v["config"].get("loss") == "auto" and data["shots"] >= 2:  # before balanced became the default
                 variant += ":loss=ce" if ":" not in variant else ",loss=ce"
+            if data.get("svf_grouped") and v["config"]["target"] == "svf":
+                variant += " (+ depthwise)"
             rows.append(f"| {data['shots']} | {data['model']} | `{variant}` | {data['episodes']} | "
                         f"{v['mean_before']:.1f} | {v['mean_after']:.1f} | {v['mean_change']:+.2f} | "
                         f"{v['std_change']:.2f} | {v['se_change']:.2f} | {paired} | "
                         f"{100 * v['share_losing_5pts']:.0f}% | {undid} | {sec['median']:.1f} | {sec['p90']:.1f} |")
+    return "\n".join(rows)
+
+
+def _resolved_loss(config: dict, shots: int) -> str:
+    """The loss a variant trained with (``auto``, the former default, meant ``ce`` from 2 shots on)."""
+    if config.get("loss") == "auto":
+        return "balanced" if shots == 1 else "ce"
+    return config.get("loss", "ce")
+
+
+def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
+    """SVF, BatchNorm and full fine-tuning at every learning rate tried with today's other defaults
+    (class-balanced loss, support gate, 10 steps, the model's adapt modules), on the same seeded
+    episodes of every ``adapt_study_*.json`` of ``model``; *minus SVF default, paired*: the per-episode
+    change minus that of ``svf`` at lr 0.03 on the same episodes (files are matched on their episodes'
+    classes and IoU before adapting, which the same episodes reproduce exactly)."""
+    defaults = {"steps": 10, "gate": "support", "objective": "auto", "modules": None, "optimizer": "layer_sgd"}
+    found: dict[int, dict[tuple[str, bool, float], tuple[np.ndarray, dict, list]]] = {}
+    for name in sorted(RESULTS.glob("adapt_study_*.json")):
+        data = json.loads(name.read_text())
+        if data["model"] != model or data["seed"] != seed:
+            continue
+        for v in _study_variants(data).values():
+            cfg = v["config"]
+            if any(cfg.get(k) != d for k, d in defaults.items()) or _resolved_loss(cfg, data["shots"]) != "balanced":
+                continue
+            key = (cfg["target"], cfg["target"] == "svf" and data.get("svf_grouped", False), cfg["lr"])
+            episodes = [(e["class"], round(e["iou_before"], 9)) for e in v["episodes"]]
+            found.setdefault(data["shots"], {}).setdefault(key, (_changes(v), v, episodes))
+    rows = ["| shots | trains | lr | episodes | change (pts, mean +- s.e.) | minus SVF default, paired | "
+            "losing > 5 pts | gate undid | median s |", "|---|---|---|---|---|---|---|---|---|"]
+    for shots in sorted(found):
+        ref = found[shots].get(("svf", False, 0.03))
+        for (target, grouped, lr), (change, v, episodes) in sorted(found[shots].items(), key=lambda kv: (
+                ["svf", "bn", "full"].index(kv[0][0]), kv[0][1:])):
+            paired = ""
+            if ref is not None and (target, grouped, lr) != ("svf", False, 0.03):
+                n = min(len(change), len(ref[0]))
+                if episodes[:n] == ref[2][:n]:
+                    diff = change[:n] - ref[0][:n]
+                    paired = f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(n):.2f}"
+                else:
+                    paired = "episodes differ"
+            se = change.std(ddof=1) / np.sqrt(len(change))
+            label = {"svf": "singular values", "bn": "BatchNorm affine", "full": "every weight"}[target]
+            label += " (+ depthwise)" if grouped else ""
+            rows.append(f"| {shots} | {label} | {lr:g} | {len(change)} | {change.mean():+.2f} +- {se:.2f} | {paired} | "
+                        f"{100 * (change < -5).mean():.0f}% | {100 * v['share_reverted']:.0f}% | "
+                        f"{v['seconds']['median']:.1f} |")
     return "\n".join(rows)
 
 
@@ -234,5 +302,7 @@ if __name__ == "__main__":
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")
     print(adaptation_table())
+    print("\n### SVF, BatchNorm and full fine-tuning at every learning rate tried\n")
+    print(learning_rate_table())
     print("\n### The support gate at other margins\n")
     print(gate_margin_table())

@@ -73,7 +73,8 @@ def describe(model, meta: dict[str, Any] | None = None) -> dict[str, Any]:  # no
 
     layers = list(svf_layers(model.backbone))
     stages = sorted({name.split(".")[0] for name, _ in layers})
-    kinds = sorted({lay.kind if lay.kind in ("1x1", "linear") else "3x3" for _, lay in layers})
+    kinds = sorted({"grouped" if getattr(lay, "groups", 1) > 1 else lay.kind if lay.kind in ("1x1", "linear")
+                    else "3x3" for _, lay in layers})
     derived = {
         "backbone": model.backbone.name,
         "backbone_weights": "imagenet" if getattr(model.backbone, "pretrained", True) else "random",

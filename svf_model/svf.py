@@ -4,6 +4,10 @@ A conv weight ``W`` of shape ``[Co, Ci, kh, kw]`` is folded to a ``Co x (Ci*kh*k
 decomposed with a full-rank SVD ``W = U diag(s) V^T`` (rank ``R = min(Co, Ci*kh*kw)``, never
 rounded). ``U`` and ``V`` are frozen buffers; only the singular values train.
 
+A grouped conv (``groups = g``, e.g. EfficientNet's depthwise convs) is the block-diagonal matrix of
+its ``g`` groups; each group is decomposed on its own (``R = g * min(Co/g, Ci/g*kh*kw)``), so a
+depthwise conv has one singular value per channel: the norm of that channel's filter.
+
 Two parametrisations (SVF paper, appendix D.2):
 
 * ``"direct"``: ``s`` itself is the parameter.
@@ -50,21 +54,21 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """Full-rank SVD in float64 with a deterministic sign convention.
 
     Args:
-        matrix: ``[M, N]``.
+        matrix: ``[M, N]``, or a batch ``[G, M, N]`` decomposed matrix by matrix.
 
     Returns:
-        ``U [M, R]``, ``s [R]`` (descending), ``Vh [R, N]`` with ``R = min(M, N)``, in float64.
-        Each column of ``U`` has its largest-magnitude entry positive (sklearn's ``svd_flip``).
+        ``U [(G,) M, R]``, ``s [(G,) R]`` (descending), ``Vh [(G,) R, N]`` with ``R = min(M, N)``, in
+        float64. Each column of ``U`` has its largest-magnitude entry positive (sklearn's ``svd_flip``).
     """
     matrix = matrix.detach().double()
-    if matrix.shape[0] < matrix.shape[1]:  # LAPACK is 2-3x faster on the tall transpose of a wide matrix
-        v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
-        u, vh = uh.T, v.T
+    if matrix.shape[-2] < matrix.shape[-1]:  # LAPACK is 2-3x faster on the tall transpose of a wide matrix
+        v, s, uh = torch.linalg.svd(matrix.mT, full_matrices=False)
+        u, vh = uh.mT, v.mT
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True))).squeeze(0)
+    signs = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [(G,) 1, R]
     signs[signs == 0] = 1.0
-    return u * signs, s, vh * signs[:, None]
+    return u * signs, s, vh * signs.mT
 
 
 class _SingularValues(nn.Module):
@@ -96,8 +100,9 @@ class _SingularValues(nn.Module):
 class SVFLayer(nn.Module):
     """Common machinery of :class:`SVFConv2d` and :class:`SVFLinear`.
 
-    Buffers: ``U [Co, R]``, ``Vh [R, Ci*kh*kw]``, ``bias [Co]`` (optional, frozen).
-    Parameters: the singular values, in ``self.sv`` (see :class:`_SingularValues`).
+    Buffers: ``U [Co, R]``, ``Vh [R, Ci*kh*kw]``, ``bias [Co]`` (optional, frozen); for ``groups = g``
+    one decomposition per group: ``U [g, Co/g, Rg]``, ``Vh [g, Rg, Ci/g*kh*kw]`` and ``R = g * Rg``.
+    Parameters: the singular values ``[R]`` (group-major), in ``self.sv`` (see :class:`_SingularValues`).
     """
 
     U: torch.Tensor
@@ -110,15 +115,20 @@ class SVFLayer(nn.Module):
         bias: torch.Tensor | None,
         parametrization: Parametrization,
         form: Form,
+        groups: int = 1,
     ) -> None:
         super().__init__()
-        matrix = weight.detach().reshape(weight.shape[0], -1)
+        if groups == 1:
+            matrix = weight.detach().reshape(weight.shape[0], -1)
+        else:
+            matrix = weight.detach().reshape(groups, weight.shape[0] // groups, -1)
         u, s, vh = _svd(matrix)
         dtype = weight.dtype
         self.register_buffer("U", u.to(dtype).contiguous())
         self.register_buffer("Vh", vh.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.sv = _SingularValues(s.to(dtype), parametrization)
+        self.sv = _SingularValues(s.reshape(-1).to(dtype), parametrization)
+        self.groups = groups
         self.weight_shape = tuple(weight.shape)
         self.form: Form = form
         self._cache_key: tuple | None = None
@@ -126,22 +136,30 @@ class SVFLayer(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.U.shape[1]
+        """Number of singular values (summed over the groups)."""
+        return self.sv.s0.numel()
 
     @property
     def kind(self) -> str:
-        """``"1x1"``, ``"3x3"`` (any spatial kernel, e.g. ``"7x7"``) or ``"linear"``."""
+        """``"1x1"``, ``"3x3"`` (any spatial kernel, e.g. ``"7x7"``) or ``"linear"``; grouped convs
+        add ``" depthwise"`` (one input channel per group) or ``" grouped"``."""
         if len(self.weight_shape) == 2:
             return "linear"
-        return f"{self.weight_shape[2]}x{self.weight_shape[3]}"
+        kernel = f"{self.weight_shape[2]}x{self.weight_shape[3]}"
+        if self.groups == 1:
+            return kernel
+        return f"{kernel} {'depthwise' if self.weight_shape[1] == 1 else 'grouped'}"
 
     def singular_values(self) -> torch.Tensor:
         """Current singular values ``[R]``."""
         return self.sv()
 
     def recomposed_weight(self) -> torch.Tensor:
-        """``(U * s) @ Vh`` reshaped to the original weight shape (differentiable in ``s``)."""
-        return (self.U * self.sv()) @ self.Vh
+        """``(U * s) @ Vh`` (per group) as ``[Co, Ci/groups*kh*kw]`` (differentiable in ``s``)."""
+        if self.groups == 1:
+            return (self.U * self.sv()) @ self.Vh
+        s = self.sv().reshape(self.groups, 1, -1)
+        return ((self.U * s) @ self.Vh).reshape(self.weight_shape[0], -1)
 
     def _inference_weight(self) -> torch.Tensor:
         param = self.sv.trainable
@@ -161,7 +179,8 @@ class SVFLayer(nn.Module):
 
 
 class SVFConv2d(SVFLayer):
-    """SVF replacement of a ``groups == 1`` :class:`torch.nn.Conv2d` (any kernel/stride/dilation).
+    """SVF replacement of a :class:`torch.nn.Conv2d` (any kernel/stride/dilation; grouped convs are
+    decomposed group by group).
 
     Input ``[N, Ci, H, W]`` -> output ``[N, Co, H', W']``, identical to the source conv at init.
     """
@@ -172,11 +191,9 @@ class SVFConv2d(SVFLayer):
         parametrization: Parametrization = "direct",
         form: Form = DEFAULT_TRAIN_FORM,
     ) -> None:
-        if conv.groups != 1:
-            raise ValueError("SVF needs groups == 1 (depthwise/grouped convs are skipped)")
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
-        super().__init__(conv.weight, conv.bias, parametrization, form)
+        super().__init__(conv.weight, conv.bias, parametrization, form, groups=conv.groups)
         self.stride = conv.stride
         self.padding = conv.padding
         self.dilation = conv.dilation
@@ -192,29 +209,30 @@ class SVFConv2d(SVFLayer):
         x = self._pad(x)
         if not self._needs_grad():
             weight = self._inference_weight()
-            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.form == "recompose":
             weight = self.recomposed_weight().reshape(self.weight_shape)
-            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        h = self._project(x) * self.sv()[None, :, None, None]
+        return F.conv2d(h, self.U.reshape(self.weight_shape[0], -1)[:, :, None, None], self.bias,
+                        groups=self.groups)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """``V^T x`` (per group) on the padded input: ``[N, R, H', W']``."""
         co, ci, kh, kw = self.weight_shape
-        h = F.conv2d(x, self.Vh.reshape(self.rank, ci, kh, kw), None, self.stride, self.padding,
-                     self.dilation)
-        h = h * self.sv()[None, :, None, None]
-        return F.conv2d(h, self.U[:, :, None, None], self.bias)
+        return F.conv2d(x, self.Vh.reshape(self.rank, ci, kh, kw), None, self.stride, self.padding,
+                        self.dilation, self.groups)
 
     def components(self, x: torch.Tensor) -> torch.Tensor:
         """Rank-R intermediate response ``s * (V^T x)``: ``[N, R, H', W']`` (for cue maps)."""
-        co, ci, kh, kw = self.weight_shape
-        h = F.conv2d(self._pad(x), self.Vh.reshape(self.rank, ci, kh, kw), None, self.stride,
-                     self.padding, self.dilation)
-        return h * self.sv()[None, :, None, None]
+        return self._project(self._pad(x)) * self.sv()[None, :, None, None]
 
     def to_plain(self) -> nn.Conv2d:
         """A plain conv (``Conv2dSame`` where the source was one) with the tuned weight."""
         co, ci, kh, kw = self.weight_shape
         cls = Conv2dSame if self.same_pad else nn.Conv2d
-        conv = cls(ci, co, (kh, kw), stride=self.stride, padding=0 if self.same_pad else self.padding,
-                   dilation=self.dilation, bias=self.bias is not None)
+        conv = cls(ci * self.groups, co, (kh, kw), stride=self.stride, padding=0 if self.same_pad else self.padding,
+                   dilation=self.dilation, groups=self.groups, bias=self.bias is not None)
         conv = conv.to(device=self.U.device, dtype=self.U.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.recomposed_weight().reshape(self.weight_shape))
@@ -226,8 +244,8 @@ class SVFConv2d(SVFLayer):
         return conv
 
     def extra_repr(self) -> str:
-        return (f"{self.weight_shape[1]}, {self.weight_shape[0]}, kernel_size={self.kernel_size}, "
-                f"rank={self.rank}, stride={self.stride}, dilation={self.dilation}, "
+        return (f"{self.weight_shape[1] * self.groups}, {self.weight_shape[0]}, kernel_size={self.kernel_size}, "
+                f"rank={self.rank}, stride={self.stride}, dilation={self.dilation}, groups={self.groups}, "
                 f"parametrization={self.sv.parametrization}, form={self.form}")
 
 
@@ -285,7 +303,7 @@ class SVFStats:
 def _conv_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
-            return None
+            return "grouped"
         kh, kw = module.kernel_size
         return "1x1" if (kh, kw) == (1, 1) else "3x3"
     if isinstance(module, nn.Linear):
@@ -381,7 +399,8 @@ def apply_svf(
     Args:
         module: a module (e.g. ``backbone.layer3``) or a list of modules (stages).
         kinds: which layers to decompose: ``"1x1"`` convs, ``"3x3"`` (every conv with a spatial
-            kernel, 3x3 or larger) and ``"linear"``. Grouped/depthwise convs are always skipped.
+            kernel, 3x3 or larger), ``"linear"``, and ``"grouped"`` (grouped/depthwise convs of any
+            kernel, decomposed group by group; the other kinds mean ``groups == 1``).
         parametrization: ``"direct"`` (train ``s``) or ``"exp"`` (train ``d``, ``s = s0 exp(d)``).
         form: training forward form (see module docstring).
         freeze_rest: freeze every other parameter inside ``module`` and turn its BatchNorms into
@@ -392,9 +411,9 @@ def apply_svf(
         trainable-parameter count and fraction are logged (``svf_stats`` returns them).
     """
     kinds = set(kinds)
-    unknown = kinds - {"1x1", "3x3", "linear"}
+    unknown = kinds - {"1x1", "3x3", "linear", "grouped"}
     if unknown:
-        raise ValueError(f"unknown SVF kinds {sorted(unknown)}; use '1x1', '3x3', 'linear'")
+        raise ValueError(f"unknown SVF kinds {sorted(unknown)}; use '1x1', '3x3', 'linear', 'grouped'")
     roots = _modules_of(module)
     if any(isinstance(r, (SVFLayer, nn.Conv2d, nn.Linear)) for r in roots):
         raise TypeError("apply_svf replaces layers inside a container; pass the stage that holds them")

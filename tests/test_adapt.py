@@ -290,3 +290,28 @@ def test_rejected_adaptation_leaves_the_predictor_as_it_was(model, shots):
     assert result.reverted and result.steps == 3 and not p.adapted
     assert 0 <= result.support_iou_before <= 1  # the shot against fresh augmented views of itself
     np.testing.assert_array_equal(p.predict(query).prob, before)
+
+
+def test_study_comparison_targets_start_from_the_base_singular_values(model, shots):
+    """benchmarks/adapt_study.py runs ``bn``/``full`` after ``svf`` on the same shared model: they
+    must start from the base values, not from those the ``svf`` variant adapted and predicted with."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adapt_study.py"
+    spec = importlib.util.spec_from_file_location("adapt_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+
+    p = _predictor(model, shots)
+    query = shots[3][0]
+    base = p.predict(query).mask
+    p.adapt(dataclasses.replace(FAST, lr=0.5))
+    adapted = p.predict(query).mask
+    assert not np.array_equal(adapted, base), "the svf adaptation must change the query's mask"
+    p.reset()
+    untrained = dataclasses.replace(FAST, target="full", steps=0, modules=["layer4.1"])
+    mask, reverted = study.adapt_other_target(model, p, untrained, query)
+    assert not reverted
+    np.testing.assert_array_equal(mask, base)
+    np.testing.assert_array_equal(p.predict(query).mask, base)

@@ -283,7 +283,7 @@ def test_resnet50_layer2_to_4_trains_12544_singular_values_only() -> None:
     assert all(torch.equal(bn_stats[k], after[k]) for k in bn_stats)
 
 
-def test_depthwise_convs_are_skipped() -> None:
+def test_depthwise_convs_are_skipped_unless_grouped_is_asked_for() -> None:
     backbone = copy.deepcopy(_backbone("efficientnet_lite2"))
     depthwise = [n for n, m in backbone.layer3.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     dense = [n for n, m in backbone.layer3.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
@@ -292,8 +292,39 @@ def test_depthwise_convs_are_skipped() -> None:
     modules = dict(backbone.layer3.named_modules())
     assert all(type(modules[n]) is nn.Conv2d and modules[n].groups > 1 for n in depthwise)
     assert sorted(n for n, _ in svf_layers(backbone.layer3)) == sorted(dense)
-    with pytest.raises(ValueError, match="groups"):
-        SVFConv2d(modules[depthwise[0]])
+    apply_svf(backbone.layer3, kinds={"grouped"})
+    assert sorted(n for n, _ in svf_layers(backbone.layer3)) == sorted(dense + depthwise)
+    layer = dict(svf_layers(backbone.layer3))[depthwise[0]]
+    assert layer.kind.endswith("depthwise") and layer.rank == layer.weight_shape[0]
+
+
+@pytest.mark.parametrize(("groups", "channels", "kernel"), [(8, 8, 3), (4, 8, 3), (2, 6, 1)])
+def test_grouped_convs_are_decomposed_group_by_group_exactly(groups: int, channels: int, kernel: int) -> None:
+    """A depthwise conv gets one singular value per channel (its filter's norm); any grouped conv is
+    rebuilt exactly in float64 by both forward forms, the folded plain conv and the cue components."""
+    gen = torch.Generator().manual_seed(groups)
+    conv = nn.Conv2d(channels, 2 * channels if kernel == 1 else channels, kernel, padding=kernel // 2,
+                     groups=groups, bias=True).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(2, channels, 7, 7, generator=gen, dtype=torch.float64)
+    svf = SVFConv2d(conv, parametrization="exp")
+    co, ci_g, kh, kw = conv.weight.shape
+    assert svf.rank == groups * min(co // groups, ci_g * kh * kw)
+    if groups == channels == co:
+        norms = conv.weight.reshape(co, -1).norm(dim=1)
+        assert torch.allclose(svf.singular_values(), norms)
+    ref = conv(x)
+    with torch.no_grad():
+        assert torch.allclose(svf(x), ref, atol=1e-10)
+    for form in ("three_layer", "recompose"):
+        svf.form = form
+        assert torch.allclose(svf(x), ref, atol=1e-10), form
+    assert torch.allclose(svf.to_plain()(x), ref, atol=1e-10)
+    assert svf.components(x).shape == (2, svf.rank, 7, 7)
+    svf.form = "three_layer"
+    svf(x).sum().backward()
+    assert svf.sv.d.grad is not None and svf.sv.d.grad.shape == (svf.rank,)
 
 
 def test_kinds_1x1_only_touches_1x1_convs() -> None:
