@@ -44,7 +44,6 @@ from svf_model.imageio import load_image  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
 from svf_model.preprocess import letterbox_image, unletterbox_logits  # noqa: E402
 from svf_model.registry import load_model  # noqa: E402
-from svf_model.svf import apply_svf  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
 
@@ -109,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, entry = load_model(args.model)
-    if args.grouped:
-        for path in model.adapt_modules:
-            apply_svf(model.backbone.get_submodule(path), kinds={"grouped"}, parametrization=entry.parametrization)
+    model, entry = load_model(args.model, adapt_grouped=True if args.grouped else None)
     size = args.size or entry.image_size
     _, held_out = split_classes(list_classes(args.data), 0.2, 0)
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)

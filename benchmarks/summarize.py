@@ -82,6 +82,8 @@ def _options(run: dict) -> list[str]:
     legacy = "adapt_config" not in run["config"] and run["config"]["shots"] >= 2
     if legacy and not any(o.startswith("loss=") for o in options):
         options.append("loss=ce")
+    if run["config"].get("adapt_grouped"):
+        options.append("--adapt-grouped")
     return options
 
 
@@ -254,11 +256,13 @@ def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
         if "gate_margin=-1" in options:
             sources.append((f"`{name}`", _changes(r), gain))
             continue
-        key = (r["config"]["model"], options, r["config"]["shots"], r["config"]["seed"])
+        key = (r["config"]["model"], options, r["config"]["shots"], r["config"]["seed"],
+               r["config"].get("adapt_grouped", False))
         for other, u in runs.items():
             cfg = u["config"]
-            if "support_iou_after" in u["episodes"][0] or key != (
-                    cfg["model"], cfg.get("adapt_set") or [], cfg["shots"], cfg["seed"]):
+            if "support_iou_after" in u["episodes"][0] or key != (cfg["model"], cfg.get("adapt_set") or [],
+                                                                 cfg["shots"], cfg["seed"],
+                                                                 cfg.get("adapt_grouped", False)):
                 continue
             pairs = list(zip(r["episodes"], u["episodes"], strict=False))  # the common episodes
             if all(a["query"] == b["query"] and (a["reverted"] or abs(a["iou_after"] - b["iou_after"]) < 1e-9)

@@ -104,7 +104,7 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
         from .registry import list_models, load_model
 
         if name is None or name in list_models():
-            model, entry = load_model(name)
+            model, entry = load_model(name, adapt_grouped=True if getattr(args, "adapt_grouped", False) else None)
             return model, {"image_size": entry.image_size, "name": entry.name}
     except (ImportError, FileNotFoundError):
         pass
@@ -353,6 +353,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's, else 473)")
     p.add_argument("--adapt", action="store_true", help="adapt the singular values on each episode's supports")
+    p.add_argument("--adapt-grouped", action="store_true",
+                   help="registered models: also decompose (and adapt) the adapt modules' depthwise convs")
     p.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
     p.add_argument("--adapt-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="other AdaptConfig fields, e.g. --adapt-set objective=head one_shot=views lr=0.01")

@@ -44,6 +44,7 @@ class ModelEntry:
     image_size: int = 473
     adapt_modules: list[str] = field(default_factory=lambda: ["layer4.1"])
     parametrization: str = "exp"
+    adapt_grouped: bool = False  # also decompose the adapt modules' grouped/depthwise convs
     metrics: dict[str, Any] = field(default_factory=dict)
     adapt_note: str = ""  # shown after Adapt: what adaptation measurably did to this model
 
@@ -127,11 +128,14 @@ def load_model(
     device: str = "cpu",
     registry: str | os.PathLike = REGISTRY_FILE,
     checkpoint_dir: str | os.PathLike | None = None,
+    adapt_grouped: bool | None = None,
 ):
     """Build a registered model (``None``: the default) -> ``(FewShotSegmenter, ModelEntry)``.
 
     The backbone modules listed in ``adapt_modules`` (dotted paths such as ``"layer4"`` or
-    ``"layer4.1"``) carry SVF layers, ready for adaptation. Weight files are looked up (and hub
+    ``"layer4.1"``) carry SVF layers, ready for adaptation. With ``adapt_grouped`` (``None``: the
+    entry's setting) their grouped/depthwise convs are decomposed too, group by group, so their
+    singular values adapt as well. Weight files are looked up (and hub
     downloads stored) in ``checkpoint_dir``, by default the folder holding ``registry``.
     """
     from .backbones import build_backbone
@@ -160,6 +164,9 @@ def load_model(
     missing = [m for m in entry.adapt_modules if not any(n == m or n.startswith(m + ".") for n in have)]
     if missing:
         apply_svf([model.backbone.get_submodule(m) for m in missing], parametrization=entry.parametrization)
+    if entry.adapt_grouped if adapt_grouped is None else adapt_grouped:
+        apply_svf([model.backbone.get_submodule(m) for m in entry.adapt_modules], kinds={"grouped"},
+                  parametrization=entry.parametrization)
     for p in model.parameters():
         p.requires_grad_(False)
     model.name = entry.name

@@ -73,6 +73,20 @@ def test_default_model_loads_offline_ready_for_adaptation():
     assert logits.shape == (1, 2, size, size) and torch.isfinite(logits).all()
 
 
+def test_adapt_grouped_decomposes_the_depthwise_convs_of_the_adapt_modules_without_changing_outputs():
+    plain, entry = load_model()
+    grouped, _ = load_model(adapt_grouped=True)
+    kinds = {name: layer.kind for name, layer in svf_layers(grouped.backbone)}
+    extra = {name: kind for name, kind in kinds.items() if name not in dict(svf_layers(plain.backbone))}
+    assert extra and all(kind.endswith("depthwise") for kind in extra.values()), extra
+    assert all(any(name.startswith(m + ".") for m in entry.adapt_modules) for name in extra)
+    x = torch.randn(1, 3, 97, 97)
+    with torch.no_grad():
+        a = plain(x, x[None], (x[0, :1] > 0).float()[None])
+        b = grouped(x, x[None], (x[0, :1] > 0).float()[None])
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
 def test_malformed_registry_and_unknown_name_are_checkpoint_errors(tmp_path):
     bad = tmp_path / "registry.json"
     bad.write_text('{"default": "x", "models": [{"name": "x", "method": "prototype", "colour": 1}]}')
