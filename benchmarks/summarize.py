@@ -193,14 +193,26 @@ def _resolved_loss(config: dict, shots: int) -> str:
     return config.get("loss", "ce")
 
 
+def _paired(change: np.ndarray, episodes: list, ref: tuple[np.ndarray, dict, list] | None) -> str:
+    """``change`` minus ``ref``'s change on their common episodes (mean +- s.e.), ``""`` without ``ref``."""
+    if ref is None:
+        return ""
+    n = min(len(change), len(ref[0]))
+    if episodes[:n] != ref[2][:n]:
+        return "episodes differ"
+    diff = change[:n] - ref[0][:n]
+    return f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(n):.2f}"
+
+
 def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
-    """SVF, BatchNorm and full fine-tuning at every learning rate tried with today's other defaults
-    (class-balanced loss, support gate, 10 steps, the model's adapt modules), on the same seeded
+    """SVF, BatchNorm and full fine-tuning at every learning rate and number of steps tried with today's
+    other defaults (class-balanced loss, support gate, the model's adapt modules), on the same seeded
     episodes of every ``adapt_study_*.json`` of ``model``; *minus SVF default, paired*: the per-episode
-    change minus that of ``svf`` at lr 0.03 on the same episodes (files are matched on their episodes'
-    classes and IoU before adapting, which the same episodes reproduce exactly)."""
-    defaults = {"steps": 10, "gate": "support", "objective": "auto", "modules": None, "optimizer": "layer_sgd"}
-    found: dict[int, dict[tuple[str, bool, float], tuple[np.ndarray, dict, list]]] = {}
+    change minus that of ``svf`` at lr 0.03 and 10 steps on the same episodes; *minus 10 steps*: minus
+    the same target and lr at 10 steps (files are matched on their episodes' classes and IoU before
+    adapting, which the same episodes reproduce exactly)."""
+    defaults = {"gate": "support", "objective": "auto", "modules": None, "optimizer": "layer_sgd"}
+    found: dict[int, dict[tuple[str, bool, float, int], tuple[np.ndarray, dict, list]]] = {}
     for name in sorted(RESULTS.glob("adapt_study_*.json")):
         data = json.loads(name.read_text())
         if data["model"] != model or data["seed"] != seed:
@@ -209,29 +221,26 @@ def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
             cfg = v["config"]
             if any(cfg.get(k) != d for k, d in defaults.items()) or _resolved_loss(cfg, data["shots"]) != "balanced":
                 continue
-            key = (cfg["target"], cfg["target"] == "svf" and data.get("svf_grouped", False), cfg["lr"])
+            key = (cfg["target"], cfg["target"] == "svf" and data.get("svf_grouped", False), cfg["lr"], cfg["steps"])
             episodes = [(e["class"], round(e["iou_before"], 9)) for e in v["episodes"]]
             found.setdefault(data["shots"], {}).setdefault(key, (_changes(v), v, episodes))
-    rows = ["| shots | trains | lr | episodes | change (pts, mean +- s.e.) | minus SVF default, paired | "
-            "losing > 5 pts | gate undid | median s |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| shots | trains | lr | steps | episodes | change (pts, mean +- s.e.) | minus SVF default, paired | "
+            "minus 10 steps, paired | losing > 5 pts | gate undid | median s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for shots in sorted(found):
-        ref = found[shots].get(("svf", False, 0.03))
-        for (target, grouped, lr), (change, v, episodes) in sorted(found[shots].items(), key=lambda kv: (
+        runs = found[shots]
+        for key, (change, v, episodes) in sorted(runs.items(), key=lambda kv: (
                 ["svf", "bn", "full"].index(kv[0][0]), kv[0][1:])):
-            paired = ""
-            if ref is not None and (target, grouped, lr) != ("svf", False, 0.03):
-                n = min(len(change), len(ref[0]))
-                if episodes[:n] == ref[2][:n]:
-                    diff = change[:n] - ref[0][:n]
-                    paired = f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(n):.2f}"
-                else:
-                    paired = "episodes differ"
+            target, grouped, lr, steps = key
+            vs_svf = _paired(change, episodes, runs.get(("svf", False, 0.03, 10))) if key != (
+                "svf", False, 0.03, 10) else ""
+            vs_steps = _paired(change, episodes, runs.get((target, grouped, lr, 10))) if steps != 10 else ""
             se = change.std(ddof=1) / np.sqrt(len(change))
             label = {"svf": "singular values", "bn": "BatchNorm affine", "full": "every weight"}[target]
             label += " (+ depthwise)" if grouped else ""
-            rows.append(f"| {shots} | {label} | {lr:g} | {len(change)} | {change.mean():+.2f} +- {se:.2f} | {paired} | "
-                        f"{100 * (change < -5).mean():.0f}% | {100 * v['share_reverted']:.0f}% | "
-                        f"{v['seconds']['median']:.1f} |")
+            rows.append(f"| {shots} | {label} | {lr:g} | {steps} | {len(change)} | {change.mean():+.2f} +- {se:.2f} | "
+                        f"{vs_svf} | {vs_steps} | {100 * (change < -5).mean():.0f}% | "
+                        f"{100 * v['share_reverted']:.0f}% | {v['seconds']['median']:.1f} |")
     return "\n".join(rows)
 
 
@@ -306,7 +315,7 @@ if __name__ == "__main__":
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")
     print(adaptation_table())
-    print("\n### SVF, BatchNorm and full fine-tuning at every learning rate tried\n")
+    print("\n### SVF, BatchNorm and full fine-tuning at every learning rate and number of steps tried\n")
     print(learning_rate_table())
     print("\n### The support gate at other margins\n")
     print(gate_margin_table())
