@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, entry = load_model(args.model, adapt_grouped=True if args.grouped else None)
+    model, entry = load_model(args.model, adapt_grouped=args.grouped or None)
     size = args.size or entry.image_size
     _, held_out = split_classes(list_classes(args.data), 0.2, 0)
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)

@@ -53,7 +53,7 @@ def accuracy_table() -> str:
             if key != "prototype":
                 same = [a["query"] for a in base["episodes"]] == [b["query"] for b in r["episodes"]]
                 d = np.array([b["iou"] - a["iou"] for a, b in zip(base["episodes"], r["episodes"], strict=True)]) * 100
-                paired = (f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(len(d)):.2f} ({(d > 0).sum()} better, "
+                paired = (f"{_mean_se(d)} ({(d > 0).sum()} better, "
                           f"{(d < 0).sum()} worse)") if same else "episodes differ"
                 improved = sum(r["per_class"][c] > v for c, v in base["per_class"].items())
                 better = f"{improved} of {len(base['per_class'])}"
@@ -62,6 +62,11 @@ def accuracy_table() -> str:
                 label, miou, fb = f"**{label} (shipped)**", f"**{miou}**", f"**{fb}**"
             rows.append(f"| {shots} | {len(r['episodes'])} | {label} | {miou} | {fb} | {paired} | {better} |")
     return "\n".join(rows)
+
+
+def _mean_se(x: np.ndarray) -> str:
+    """``"+m.mm +- s.ss"``: the mean of ``x`` and its standard error."""
+    return f"{x.mean():+.2f} +- {x.std(ddof=1) / np.sqrt(len(x)):.2f}"
 
 
 def _adapt_runs() -> dict[str, dict]:
@@ -113,7 +118,7 @@ def paired_runs_table(min_episodes: int = 100) -> str:
                 continue
             opt_a, opt_b = _label(ra), _label(rb)
             rows.append(f"| `{a}` | `{b}` | {len(diff)} | {opt_a} | {opt_b} | "
-                        f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.2f} |")
+                        f"{_mean_se(diff)} |")
     return "\n".join(rows)
 
 
@@ -173,7 +178,7 @@ def adaptation_table() -> str:
                 first = change
             else:
                 diff = change - first
-                paired = f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.2f}"
+                paired = _mean_se(diff)
             undid = f"{100 * v['share_reverted']:.0f}%" if "share_reverted" in v else "no gate"
             if v["config"].get("loss") == "auto" and data["shots"] >= 2:  # before balanced became the default
                 variant += ":loss=ce" if ":" not in variant else ",loss=ce"
@@ -200,8 +205,7 @@ def _paired(change: np.ndarray, episodes: list, ref: tuple[np.ndarray, dict, lis
     n = min(len(change), len(ref[0]))
     if episodes[:n] != ref[2][:n]:
         return "episodes differ"
-    diff = change[:n] - ref[0][:n]
-    return f"{diff.mean():+.2f} +- {diff.std(ddof=1) / np.sqrt(n):.2f}"
+    return _mean_se(change[:n] - ref[0][:n])
 
 
 def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
@@ -235,16 +239,21 @@ def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
             vs_svf = _paired(change, episodes, runs.get(("svf", False, 0.03, 10))) if key != (
                 "svf", False, 0.03, 10) else ""
             vs_steps = _paired(change, episodes, runs.get((target, grouped, lr, 10))) if steps != 10 else ""
-            se = change.std(ddof=1) / np.sqrt(len(change))
             label = {"svf": "singular values", "bn": "BatchNorm affine", "full": "every weight"}[target]
             label += " (+ depthwise)" if grouped else ""
-            rows.append(f"| {shots} | {label} | {lr:g} | {steps} | {len(change)} | {change.mean():+.2f} +- {se:.2f} | "
+            rows.append(f"| {shots} | {label} | {lr:g} | {steps} | {len(change)} | {_mean_se(change)} | "
                         f"{vs_svf} | {vs_steps} | {100 * (change < -5).mean():.0f}% | "
                         f"{100 * v['share_reverted']:.0f}% | {v['seconds']['median']:.1f} |")
     return "\n".join(rows)
 
 
 GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
+
+
+def _same_settings_key(run: dict) -> tuple:
+    """Model, ``--adapt-set`` items, shots, seed and depthwise switch of an ``evaluate --adapt`` run."""
+    cfg = run["config"]
+    return cfg["model"], cfg.get("adapt_set") or [], cfg["shots"], cfg["seed"], cfg.get("adapt_grouped", False)
 
 
 def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -265,13 +274,8 @@ def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
         if "gate_margin=-1" in options:
             sources.append((f"`{name}`", _changes(r), gain))
             continue
-        key = (r["config"]["model"], options, r["config"]["shots"], r["config"]["seed"],
-               r["config"].get("adapt_grouped", False))
         for other, u in runs.items():
-            cfg = u["config"]
-            if "support_iou_after" in u["episodes"][0] or key != (cfg["model"], cfg.get("adapt_set") or [],
-                                                                 cfg["shots"], cfg["seed"],
-                                                                 cfg.get("adapt_grouped", False)):
+            if "support_iou_after" in u["episodes"][0] or _same_settings_key(u) != _same_settings_key(r):
                 continue
             pairs = list(zip(r["episodes"], u["episodes"], strict=False))  # the common episodes
             if all(a["query"] == b["query"] and (a["reverted"] or abs(a["iou_after"] - b["iou_after"]) < 1e-9)
@@ -295,9 +299,9 @@ def gate_margin_table() -> str:
             keep = gain > margin
             g = np.where(keep, d, 0.0)
             extra = f"{corr:.2f} | {split}" if margin == 0 else " | "
-            paired = f"{(g - d).mean():+.2f} +- {(g - d).std(ddof=1) / np.sqrt(len(g)):.2f}" if margin >= 0 else ""
+            paired = _mean_se(g - d) if margin >= 0 else ""
             rows.append(f"| {label} | {len(d)} | {'no gate' if margin < 0 else f'{100 * margin:g}'} | "
-                        f"{100 * keep.mean():.0f}% | {g.mean():+.2f} +- {g.std(ddof=1) / np.sqrt(len(g)):.2f} | "
+                        f"{100 * keep.mean():.0f}% | {_mean_se(g)} | "
                         f"{paired} | {100 * (g < -5).mean():.1f}% | {extra} |")
     return "\n".join(rows)
 

@@ -104,7 +104,7 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
         from .registry import list_models, load_model
 
         if name is None or name in list_models():
-            model, entry = load_model(name, adapt_grouped=True if getattr(args, "adapt_grouped", False) else None)
+            model, entry = load_model(name, adapt_grouped=getattr(args, "adapt_grouped", False) or None)
             return model, {"image_size": entry.image_size, "name": entry.name}
     except (ImportError, FileNotFoundError):
         pass

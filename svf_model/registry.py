@@ -135,8 +135,8 @@ def load_model(
     The backbone modules listed in ``adapt_modules`` (dotted paths such as ``"layer4"`` or
     ``"layer4.1"``) carry SVF layers, ready for adaptation. With ``adapt_grouped`` (``None``: the
     entry's setting) their grouped/depthwise convs are decomposed too, group by group, so their
-    singular values adapt as well. Weight files are looked up (and hub
-    downloads stored) in ``checkpoint_dir``, by default the folder holding ``registry``.
+    singular values adapt as well. Weight files are looked up (and hub downloads stored) in
+    ``checkpoint_dir``, by default the folder holding ``registry``.
     """
     from .backbones import build_backbone
     from .heads import build_head
