@@ -156,8 +156,20 @@ class Callbacks:
         return (
             f"**Device** {self.store.device.type} · **Model** `{entry.name}`{title} · "
             f"**Image size** {session.loaded.image_size} · **Shots** {len(session.shots)}/{MAX_SHOTS} · "
-            f"**Adapted** {adapted} · **Last action** {session.last_action}"
+            f"{self._head_in_use(session)}**Adapted** {adapted} · **Last action** {session.last_action}"
         )
+
+    @staticmethod
+    def _head_in_use(session: Session) -> str:
+        """For a model with low-shot values: which computation segments the current shots, and why."""
+        predictor = session.predictor
+        if getattr(predictor.model, "low_shot_values", None) is None or not predictor.num_shots:
+            return ""
+        used = "prototypes (low-shot values)" if predictor.uses_low_shot_values else "the whole head"
+        if predictor.fallback_scores is not None:
+            own, plain = predictor.fallback_scores
+            used += f", shots' cross-check IoU {100 * own:.0f} whole head vs {100 * plain:.0f} prototypes"
+        return f"**Segmenting with** {used} · "
 
     def _queries(self, value: Any) -> list[Query]:
         out = []

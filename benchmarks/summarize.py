@@ -23,21 +23,26 @@ def _load(name: str) -> dict | None:
 # (file key, label): benchmarks/results/eval_{key}_{shots}shot.json, all on the same seeded episodes.
 MODELS = [
     ("prototype", "`prototype-lite2`: prototypes, frozen backbone (training-free)"),
-    ("proto_svf", "`prototype-svf-lite2`: prototypes + SVF layer4, no augmentation (previous default)"),
+    ("proto_svf", "`prototype-svf-lite2`: prototypes + SVF layer4, no augmentation"),
     ("aug_proto_svf", "prototypes + SVF layer4, augmentation"),
     ("aug_proto_svf34", "prototypes + SVF layer3-4, augmentation"),
     ("refine_frozen", "learned head, frozen backbone"),
     ("refine_frozen_bal", "learned head, frozen backbone, balanced loss"),
     ("refine_svf", "learned head + SVF layer4, trained together"),
-    ("shipped", "`refine-svf-lite2`: learned head (from 2 shots) + SVF layer4"),
+    ("shipped", "`refine-svf-lite2`: learned head (from 2 shots) + SVF layer4 (previous default)"),
+    ("refine_on_proto_svf", "learned head trained on the fixed SVF values of `prototype-svf-lite2`"),
+    ("refine_on_proto_svf_6ep", "the same, 6 epochs instead of 3"),
+    ("refine_on_proto_svf_2shot", "the same, 2-shot training episodes"),
+    ("dual", "`refine-dual-svf-lite2`: `refine-svf-lite2` + the values of `prototype-svf-lite2` for 1 shot and as "
+             "the 2-shot fallback"),
 ]
-SHIPPED = "shipped"
+SHIPPED = "dual"
 
 
 def accuracy_table() -> str:
     rows = ["| shots | episodes | model | mIoU | FB-IoU | paired change vs training-free (pts, mean +- s.e.) "
             "| classes improved |", "|---|---|---|---|---|---|---|"]
-    for shots in (1, 5):
+    for shots in (1, 2, 5):
         base = _load(f"eval_prototype_{shots}shot.json")
         if base is None:
             continue
@@ -61,6 +66,30 @@ def accuracy_table() -> str:
             if key == SHIPPED:
                 label, miou, fb = f"**{label} (shipped)**", f"**{miou}**", f"**{fb}**"
             rows.append(f"| {shots} | {len(r['episodes'])} | {label} | {miou} | {fb} | {paired} | {better} |")
+    return "\n".join(rows)
+
+
+def fallback_table() -> str:
+    """The shipped model's low-shot fallback against the same model without it (``refine-svf-lite2``:
+    the same computation whenever the fallback is not taken), on the same episodes per seed: seed 0
+    helped choose the margin (with other draws of it), seed 1 checks it."""
+    rows = ["| shots | seed | episodes | fallback taken | mIoU without -> with | FB-IoU without -> with "
+            "| paired change (pts, mean +- s.e.) | change where taken (pts, mean) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for seed, prefix in ((0, "eval_"), (1, "eval_seed1_")):
+        for shots in (2,):  # the shipped model checks for the fallback with 2 shots only
+            with_, without = _load(f"{prefix}dual_{shots}shot.json"), _load(f"{prefix}shipped_{shots}shot.json")
+            if with_ is None or without is None:
+                continue
+            if [e["query"] for e in with_["episodes"]] != [e["query"] for e in without["episodes"]]:
+                raise ValueError(f"{prefix}dual_{shots}shot.json and its pair hold different episodes")
+            pairs = zip(with_["episodes"], without["episodes"], strict=True)
+            d = np.array([a["iou"] - b["iou"] for a, b in pairs]) * 100
+            taken = np.array([e.get("low_shot_values", False) for e in with_["episodes"]])
+            where = f"{d[taken].mean():+.2f}" if taken.any() else ""
+            rows.append(f"| {shots} | {seed} | {len(d)} | {100 * taken.mean():.1f}% | {without['miou']:.1f} -> "
+                        f"{with_['miou']:.1f} | {without['fbiou']:.1f} -> {with_['fbiou']:.1f} | {_mean_se(d)} "
+                        f"| {where} |")
     return "\n".join(rows)
 
 
@@ -208,18 +237,18 @@ def _paired(change: np.ndarray, episodes: list, ref: tuple[np.ndarray, dict, lis
     return _mean_se(change[:n] - ref[0][:n])
 
 
-def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
+def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-dual-svf-lite2"), seed: int = 2) -> str:
     """SVF, BatchNorm and full fine-tuning at every learning rate and number of steps tried with today's
     other defaults (class-balanced loss, support gate, the model's adapt modules), on the same seeded
-    episodes of every ``adapt_study_*.json`` of ``model``; *minus SVF default, paired*: the per-episode
+    episodes of every ``adapt_study_*.json`` of each of ``models``; *minus SVF default, paired*: the per-episode
     change minus that of ``svf`` at lr 0.03 and 10 steps on the same episodes; *minus 10 steps*: minus
     the same target and lr at 10 steps (files are matched on their episodes' classes and IoU before
     adapting, which the same episodes reproduce exactly)."""
     defaults = {"gate": "support", "objective": "auto", "modules": None, "optimizer": "layer_sgd"}
-    found: dict[int, dict[tuple[str, bool, float, int], tuple[np.ndarray, dict, list]]] = {}
+    found: dict[tuple[str, int], dict[tuple[str, bool, float, int], tuple[np.ndarray, dict, list]]] = {}
     for name in sorted(RESULTS.glob("adapt_study_*.json")):
         data = json.loads(name.read_text())
-        if data["model"] != model or data["seed"] != seed:
+        if data["model"] not in models or data["seed"] != seed:
             continue
         for v in _study_variants(data).values():
             cfg = v["config"]
@@ -227,12 +256,12 @@ def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
                 continue
             key = (cfg["target"], cfg["target"] == "svf" and data.get("svf_grouped", False), cfg["lr"], cfg["steps"])
             episodes = [(e["class"], round(e["iou_before"], 9)) for e in v["episodes"]]
-            found.setdefault(data["shots"], {}).setdefault(key, (_changes(v), v, episodes))
-    rows = ["| shots | trains | lr | steps | episodes | change (pts, mean +- s.e.) | minus SVF default, paired | "
-            "minus 10 steps, paired | losing > 5 pts | gate undid | median s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for shots in sorted(found):
-        runs = found[shots]
+            found.setdefault((data["model"], data["shots"]), {}).setdefault(key, (_changes(v), v, episodes))
+    rows = ["| model | shots | trains | lr | steps | episodes | change (pts, mean +- s.e.) "
+            "| minus SVF default, paired | minus 10 steps, paired | losing > 5 pts | gate undid | median s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, shots in sorted(found, key=lambda ms: (models.index(ms[0]), ms[1])):
+        runs = found[model, shots]
         for key, (change, v, episodes) in sorted(runs.items(), key=lambda kv: (
                 ["svf", "bn", "full"].index(kv[0][0]), kv[0][1:])):
             target, grouped, lr, steps = key
@@ -241,7 +270,7 @@ def learning_rate_table(model: str = "refine-svf-lite2", seed: int = 2) -> str:
             vs_steps = _paired(change, episodes, runs.get((target, grouped, lr, 10))) if steps != 10 else ""
             label = {"svf": "singular values", "bn": "BatchNorm affine", "full": "every weight"}[target]
             label += " (+ depthwise)" if grouped else ""
-            rows.append(f"| {shots} | {label} | {lr:g} | {steps} | {len(change)} | {_mean_se(change)} | "
+            rows.append(f"| {model} | {shots} | {label} | {lr:g} | {steps} | {len(change)} | {_mean_se(change)} | "
                         f"{vs_svf} | {vs_steps} | {100 * (change < -5).mean():.0f}% | "
                         f"{100 * v['share_reverted']:.0f}% | {v['seconds']['median']:.1f} |")
     return "\n".join(rows)
@@ -313,6 +342,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     print("### Accuracy\n")
     print(accuracy_table())
+    print("\n### The low-shot fallback\n")
+    print(fallback_table())
     print("\n### Adaptation with the defaults\n")
     print(adapted_evaluation_table())
     print("\n### Adapted runs paired on their common episodes\n")

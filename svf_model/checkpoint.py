@@ -1,14 +1,18 @@
 """This project's model files: head weights + SVF singular values, in safetensors with metadata.
 
 Tensors: ``head.*`` (the head's whole state dict) and ``backbone.<svf layer>.sv.s`` (``direct``
-parametrisation) or ``.sv.d`` (``exp``). The frozen backbone is not stored: it is rebuilt from its
+parametrisation) or ``.sv.d`` (``exp``); optionally ``low_shot.backbone.<svf layer>.sv.*``, a second
+set of singular values for fewer than ``low_shot_below`` shots (:class:`svf_model.model.LowShotValues`,
+every SVF layer, same shapes). The frozen backbone is not stored: it is rebuilt from its
 pretrained weights, which also give the SVD bases ``U``, ``V`` and ``s0``.
 
 Metadata (strings; JSON for non-strings): ``format``, ``backbone``, ``backbone_weights``
 (``imagenet``, ``random`` or a path), ``method``, ``head_kwargs``, ``svf_stages``, ``svf_kinds``,
-``parametrization``, ``image_size``, ``shots``, ``sha256`` (of the tensors: a changed byte is
-refused), ``backbone_fingerprint`` (of the frozen backbone weights: a different pretrained backbone
-gives a warning), plus any extra keys the caller adds.
+``parametrization``, ``image_size``, ``shots``, ``low_shot_below``, ``low_shot_fallback_margin`` and
+``low_shot_fallback_up_to`` (with low-shot values),
+``sha256`` (of the tensors: a changed byte is refused), ``backbone_fingerprint`` (of the frozen
+backbone weights: a different pretrained backbone gives a warning), plus any extra keys the caller
+adds.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from .weights import CheckpointError
 logger = logging.getLogger(__name__)
 
 FORMAT = "svf-fewshot/1"
-_JSON_KEYS = ("head_kwargs", "svf_stages", "svf_kinds", "image_size", "shots")
+_JSON_KEYS = ("head_kwargs", "svf_stages", "svf_kinds", "image_size", "shots", "low_shot_below",
+              "low_shot_fallback_margin", "low_shot_fallback_up_to")
+LOW_SHOT = "low_shot."
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:  # noqa: ANN001 - FewShotSegmenter
@@ -105,6 +111,16 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict[str, Any] | None 
         raise ValueError(f"model files are .safetensors, got {path.name}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trainable_state(model).items()}
     info = describe(model, meta)
+    low = getattr(model, "low_shot_values", None)
+    if low is not None:
+        for key, value in low.state.items():
+            layer, _, suffix = key.rpartition(".")
+            tensors[f"{LOW_SHOT}backbone.{layer}.sv.{suffix}"] = value.detach().cpu().contiguous().clone()
+        info["low_shot_below"] = low.below
+        if low.fallback_margin is not None:
+            info["low_shot_fallback_margin"] = low.fallback_margin
+        if low.fallback_up_to is not None:
+            info["low_shot_fallback_up_to"] = low.fallback_up_to
     info["format"] = FORMAT
     info["sha256"] = tensors_sha256(tensors)
     info["backbone_fingerprint"] = backbone_fingerprint(model.backbone)
@@ -197,6 +213,48 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], name: str) -> 
         raise CheckpointError(f"{name}: unexpected keys {result.unexpected_keys[:8]}")
 
 
+def matching_singular_values(model, tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The ``backbone.<layer>.sv.*`` tensors among ``tensors``, checked to cover exactly ``model``'s
+    SVF layers (same stages, kinds, parametrisation and shapes); else :class:`CheckpointError`."""
+    own = {k: v for k, v in trainable_state(model).items() if k.startswith("backbone.")}
+    stored = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
+    if set(stored) != set(own) or any(own[k].shape != stored[k].shape for k in own):
+        missing, unexpected = sorted(set(own) - set(stored)), sorted(set(stored) - set(own))
+        raise CheckpointError(f"{name}: the singular values do not fit this model's SVF layers (same stages, "
+                              f"kinds and parametrisation needed): missing {missing[:4]}, unexpected "
+                              f"{unexpected[:4]}, or other shapes")
+    return stored
+
+
+def low_shot_values(  # noqa: ANN201
+    model, tensors: dict[str, torch.Tensor], below: Any, name: str,  # noqa: ANN001
+    fallback_margin: Any = None, fallback_up_to: Any = None,
+):
+    """:class:`svf_model.model.LowShotValues` from ``backbone.<layer>.sv.*`` tensors that fit
+    ``model``'s SVF layers (:func:`matching_singular_values`), for fewer than ``below`` (>= 2) shots
+    and, with a ``fallback_margin`` in [0, 1], as the fallback from ``below`` up to ``fallback_up_to``
+    (>= ``below``) shots."""
+    from .model import LowShotValues
+
+    stored = matching_singular_values(model, tensors, f"{name} (low-shot values)")
+    if not isinstance(below, int) or isinstance(below, bool) or below < 2:
+        raise CheckpointError(f"{name}: low-shot singular values need low_shot_below >= 2, got {below!r}")
+    number = isinstance(fallback_margin, int | float) and not isinstance(fallback_margin, bool)
+    if fallback_margin is not None and not (number and 0 <= fallback_margin <= 1):
+        raise CheckpointError(f"{name}: low_shot_fallback_margin must be a number in [0, 1], got {fallback_margin!r}")
+    if fallback_up_to is not None and (not isinstance(fallback_up_to, int) or isinstance(fallback_up_to, bool)
+                                       or fallback_up_to < below):
+        raise CheckpointError(f"{name}: low_shot_fallback_up_to must be a whole number >= {below}, "
+                              f"got {fallback_up_to!r}")
+    state = {}
+    for key, value in stored.items():  # backbone.<layer>.sv.<s|d> -> <layer>.<s|d>
+        layer, _, suffix = key[len("backbone."):].rpartition(".sv.")
+        state[f"{layer}.{suffix}"] = value.detach().clone()
+    return LowShotValues(below=below, state=state,
+                         fallback_margin=None if fallback_margin is None else float(fallback_margin),
+                         fallback_up_to=fallback_up_to)
+
+
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", backbone_weights: str | os.PathLike | None = None
 ):  # noqa: ANN201 - (FewShotSegmenter, dict)
@@ -207,7 +265,12 @@ def load_checkpoint(
     """
     tensors, meta = read_checkpoint(path)
     model = build_from_meta(meta, backbone_weights)
-    load_trainable_state(model, tensors, Path(path).name)
+    low = {k[len(LOW_SHOT):]: v for k, v in tensors.items() if k.startswith(LOW_SHOT)}
+    load_trainable_state(model, {k: v for k, v in tensors.items() if not k.startswith(LOW_SHOT)}, Path(path).name)
+    if low:
+        model.low_shot_values = low_shot_values(model, low, meta.get("low_shot_below"), Path(path).name,
+                                                meta.get("low_shot_fallback_margin"),
+                                                meta.get("low_shot_fallback_up_to"))
     fingerprint = meta.get("backbone_fingerprint")
     if fingerprint and fingerprint != backbone_fingerprint(model.backbone):
         message = (f"{Path(path).name} was trained on other {meta['backbone']} weights than those loaded "

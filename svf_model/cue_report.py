@@ -36,7 +36,7 @@ class CueReport:
 
 def layer_changes(predictor: Predictor) -> list[LayerChange]:
     """Per-layer singular-value changes of the predictor against its model's own values, most-changed first."""
-    return singular_value_changes(predictor.model.backbone, predictor._base, predictor.svf_values())
+    return singular_value_changes(predictor.model.backbone, predictor.base_values(), predictor.svf_values())
 
 
 def cue_report(

@@ -9,7 +9,8 @@ Command line::
 
 Predictions go through :class:`svf_model.predictor.Predictor` (letterboxed to ``--size``) and are
 scored against the label at the query's original size. The JSON holds ``miou``/``fbiou`` (percent),
-``per_class`` (percent), ``episodes`` (IoU 0..1 each), timings, the trivial floors and the
+``per_class`` (percent), ``episodes`` (IoU 0..1 each; for a model with a low-shot fallback also
+whether it was used and the supports' two cross-check IoUs), timings, the trivial floors and the
 configuration.
 """
 
@@ -251,6 +252,9 @@ def evaluate(
                 "supports": [relpath(p) for p in ep.support_paths],
                 "query": relpath(ep.query_path),
             }
+            if getattr(predictor, "fallback_scores", None) is not None:  # the low-shot fallback's check
+                record["low_shot_values"] = predictor.uses_low_shot_values
+                record["fallback_scores"] = [round(x, 6) for x in predictor.fallback_scores]
             if adapt:
                 record["iou_before"] = before.update(ep.class_name, pred, ep.query_mask)
                 t0 = time.perf_counter()

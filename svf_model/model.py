@@ -7,6 +7,7 @@ cache (:meth:`FewShotSegmenter.segment`). ``forward`` does both, as the official
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,13 +72,35 @@ class FewShotHead(nn.Module):
         return self.segment(backbone, queries, cache)
 
 
+@dataclass(frozen=True)
+class LowShotValues:
+    """A second set of singular values, used instead of the model's own with the head's prototype
+    logits (values trained for those logits, which a head falls back to below its ``min_shots``).
+
+    :class:`svf_model.predictor.Predictor` uses them for fewer than ``below`` shots, and from ``below``
+    up to ``fallback_up_to`` shots (no limit: ``None``) when ``fallback_margin`` is set and, segmenting
+    each support from the others, they beat the model's own values and whole head by more than
+    ``fallback_margin`` IoU (0..1). ``state`` has :func:`svf_model.svf_state` keys (``"<layer>.d"``).
+    """
+
+    below: int
+    state: dict[str, torch.Tensor]
+    fallback_margin: float | None = None
+    fallback_up_to: int | None = None
+
+
 class FewShotSegmenter(nn.Module):
-    """``backbone`` + ``head``. State-dict keys: ``backbone.layerN.*`` and ``head.*``."""
+    """``backbone`` + ``head``. State-dict keys: ``backbone.layerN.*`` and ``head.*``.
+
+    ``low_shot_values`` (optional, from the model file) holds singular values for the prototype
+    logits; :class:`svf_model.predictor.Predictor` decides when to use them (:class:`LowShotValues`).
+    """
 
     def __init__(self, backbone: Backbone, head: FewShotHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.low_shot_values: LowShotValues | None = None
 
     @property
     def method(self) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .adapt import AdaptConfig, AdaptProgress, AdaptResult, adapt_svf
+from .adapt import AdaptConfig, AdaptProgress, AdaptResult, adapt_svf, support_score
 from .delta import load_svf_delta, save_svf_delta, set_svf_state, svf_state
 from .imageio import ImageLike, InputError, check_mask, load_image, load_mask
 from .model import FewShotSegmenter
@@ -50,17 +50,32 @@ def _shared_lock(model: FewShotSegmenter) -> threading.RLock:
     return lock
 
 
-def base_svf_state(model: FewShotSegmenter) -> dict[str, torch.Tensor]:
-    """The model's own (pretrained) singular values, recorded the first time it is asked for."""
+def base_svf_state(model: FewShotSegmenter, low_shot: bool = False) -> dict[str, torch.Tensor]:
+    """The model's own (pretrained) singular values, recorded the first time they are asked for; with
+    ``low_shot``, its low-shot values instead (:class:`svf_model.model.LowShotValues`; layers they do
+    not cover, e.g. SVF layers added after loading, keep the model's own)."""
     state = getattr(model, "_svf_base_state", None)
     if state is None:
         state = {k: v.detach().clone() for k, v in svf_state(model.backbone).items()}
         model._svf_base_state = state
-    return state
+    if not low_shot or getattr(model, "low_shot_values", None) is None:
+        return state
+    low = getattr(model, "_svf_low_shot_state", None)
+    if low is None:
+        low = {**state, **{k: v.detach().clone() for k, v in model.low_shot_values.state.items()}}
+        model._svf_low_shot_state = low
+    return low
 
 
 class Predictor:
     """Few-shot segmentation of queries against cached supports.
+
+    For a model with low-shot singular values (:class:`svf_model.model.LowShotValues`) the predictor
+    segments with those values and the head's prototype logits below their shot count, and from there
+    on (up to ``fallback_up_to`` shots) when the supports' leave-one-out check favours them by the model's
+    fallback margin
+    (:attr:`uses_low_shot_values`, :attr:`fallback_scores`); otherwise with the model's own values and
+    whole head.
 
     Args:
         model: a :class:`FewShotSegmenter` (shared; never modified outside the lock).
@@ -89,8 +104,12 @@ class Predictor:
         self.max_shots = max_shots
         self.model_name = model_name or getattr(model, "name", model.backbone.name)
         self._lock = _shared_lock(model)
-        self._base = base_svf_state(model)
+        base_svf_state(model)  # recorded before anything can change the values
         self._svf: dict[str, torch.Tensor] | None = None  # None: the model's own values
+        self._svf_base: dict[str, torch.Tensor] | None = None  # the base values self._svf started from
+        self._low_shot = False  # the supports are segmented with the low-shot values
+        self._svf_low_shot = False  # self._svf was adapted from (and runs like) the low-shot values
+        self.fallback_scores: tuple[float, float] | None = None  # support IoU: own values+head, low-shot
         self._svf_token = 0  # identifies self._svf while it is loaded in the shared model
         self._supports: torch.Tensor | None = None  # [K, 3, S, S]
         self._support_masks: torch.Tensor | None = None  # [K, S, S]
@@ -105,9 +124,25 @@ class Predictor:
     def adapted(self) -> bool:
         return self._svf is not None
 
+    @property
+    def uses_low_shot_values(self) -> bool:
+        """Whether queries are segmented with the low-shot values (or values adapted from them) and the
+        prototype logits, rather than with the model's own values and whole head."""
+        return self._svf_low_shot if self._svf is not None else self._low_shot
+
+    @property
+    def _base(self) -> dict[str, torch.Tensor]:
+        """The model's singular values for the current supports (own or low-shot)."""
+        return base_svf_state(self.model, self._low_shot)
+
     def svf_values(self) -> dict[str, torch.Tensor]:
         """This predictor's trainable singular-value tensors (the base ones if not adapted)."""
         return dict(self._svf if self._svf is not None else self._base)
+
+    def base_values(self) -> dict[str, torch.Tensor]:
+        """The base singular values :meth:`svf_values` are compared with: those the adaptation
+        started from, or, not adapted, the model's own for this number of shots."""
+        return dict(self._svf_base if self._svf is not None and self._svf_base is not None else self._base)
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
@@ -117,13 +152,18 @@ class Predictor:
         untouched parameters), so consecutive calls of one session keep the cached folded weights.
         """
         with self._lock:
-            token = self._svf_token if self._svf is not None else 0
+            if self._svf is not None:
+                token = self._svf_token
+            else:  # the model's own values: 0, or -1 for its low-shot values
+                token = -1 if self._low_shot else 0
             versions = tuple(p._version for p in svf_parameters(self.model.backbone))
             if getattr(self.model, "_loaded_svf", None) != (token, versions):
                 set_svf_state(self.model.backbone, self._svf if self._svf is not None else self._base)
                 versions = tuple(p._version for p in svf_parameters(self.model.backbone))
                 self.model._loaded_svf = (token, versions)
-            yield
+            prototype_only = getattr(self.model.head, "prototype_only", None)
+            with prototype_only() if self.uses_low_shot_values and prototype_only else contextlib.nullcontext():
+                yield
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -163,7 +203,40 @@ class Predictor:
         self._supports = torch.stack(xs).to(self.device)
         self._support_masks = torch.stack(ms).to(self.device)
         self._cache = None
-        self._encode()
+        memoize = getattr(self.model.backbone, "memoize", None)  # the check and the encoding share layer0-3
+        with memoize() if memoize is not None else contextlib.nullcontext():
+            self._low_shot = self._choose_low_shot()
+            self._encode()
+
+    def _choose_low_shot(self) -> bool:
+        """Whether the current supports get the low-shot values (see the class docstring). The check
+        segments each support from the others twice - own values with the whole head (refinement
+        from one shot on), low-shot values with the prototype logits - and compares pooled IoUs."""
+        self.fallback_scores = None
+        low = getattr(self.model, "low_shot_values", None)
+        if low is None:
+            return False
+        if self.num_shots < low.below:
+            return True
+        head, backbone = self.model.head, self.model.backbone
+        too_many = low.fallback_up_to is not None and self.num_shots > low.fallback_up_to
+        if low.fallback_margin is None or too_many or not hasattr(head, "prototype_only") or self.num_shots < 2:
+            return False
+        episode = (self._supports, self._support_masks)
+        whole_head = getattr(head, "refined_from_one_shot", contextlib.nullcontext)
+        with self._lock:
+            loaded = svf_state(backbone)
+            try:
+                set_svf_state(backbone, base_svf_state(self.model))
+                with whole_head():
+                    own = support_score(self.model, episode)
+                set_svf_state(backbone, base_svf_state(self.model, low_shot=True))
+                with head.prototype_only():
+                    plain = support_score(self.model, episode)
+            finally:
+                set_svf_state(backbone, loaded)
+        self.fallback_scores = (own, plain)
+        return plain > own + low.fallback_margin
 
     def _encode(self) -> None:
         with self._active(), torch.no_grad(), self._autocast():
@@ -171,6 +244,7 @@ class Predictor:
 
     def clear_supports(self) -> None:
         self._supports = self._support_masks = self._cache = None
+        self._low_shot, self.fallback_scores = False, None
 
     # -- queries -----------------------------------------------------------------------------
     def predict(self, image: ImageLike, threshold: float = 0.5) -> Prediction:
@@ -217,12 +291,15 @@ class Predictor:
                 after = svf_state(self.model.backbone)
                 set_svf_state(self.model.backbone, before)
             if not (result.cancelled or result.skipped or result.reverted):
+                base, low_shot = self.base_values(), self.uses_low_shot_values
                 self._set_svf({k: v.detach().clone() for k, v in after.items()})
+                self._svf_base, self._svf_low_shot = base, low_shot
                 result.note = getattr(self.model, "adapt_note", None) or None
         return result
 
     def _set_svf(self, state: dict[str, torch.Tensor] | None) -> None:
         self._svf = state
+        self._svf_base = None
         self._svf_token = next(_STATE_TOKENS)
         self._cache = None
 
@@ -241,7 +318,9 @@ class Predictor:
             backup = svf_state(self.model.backbone)
             try:
                 load_svf_delta(self.model.backbone, path, self.model_name)
+                base = self._base
                 self._set_svf({k: v.detach().clone() for k, v in svf_state(self.model.backbone).items()})
+                self._svf_base, self._svf_low_shot = base, self._low_shot
             finally:
                 set_svf_state(self.model.backbone, backup)
         self._cache = None

@@ -40,7 +40,7 @@ import yaml
 from torch import nn
 
 from .backbones import STAGES, Backbone, build_backbone
-from .checkpoint import save_checkpoint, trainable_state
+from .checkpoint import matching_singular_values, read_checkpoint, save_checkpoint, trainable_state
 from .data import (
     Coco20i,
     EpisodeDataset,
@@ -59,6 +59,7 @@ from .heads import build_head
 from .losses import LOSSES, segmentation_loss
 from .model import FewShotSegmenter
 from .svf import apply_svf, freeze_batchnorm, svf_parameters, svf_stats
+from .weights import CheckpointError
 
 logger = logging.getLogger("svf_model.train")
 
@@ -92,6 +93,8 @@ class TrainConfig:
     svf_stages: list[str] = field(default_factory=lambda: ["layer3", "layer4"])
     svf_kinds: list[str] = field(default_factory=lambda: ["1x1", "3x3"])
     parametrization: str = "direct"
+    init_singular_values: str | None = None  # model file whose singular values start the SVF layers
+    train_singular_values: bool = True  # false: they stay as initialised, only the head trains
     # episodes
     shots: int = 1
     image_size: int = 321
@@ -169,9 +172,16 @@ class TrainConfig:
                 raise ValueError("cache_features needs augment: false (features are cached per image)")
             if self.cache_until not in STAGES[:-1]:
                 raise ValueError(f"cache_until must be one of {STAGES[:-1]}")
-            if self.mode == "svf" and STAGES.index(self.cache_until) >= min(STAGES.index(s) for s in self.svf_stages):
+            first_svf = min(STAGES.index(s) for s in self.svf_stages) if self.svf_stages else len(STAGES)
+            if self.trains_singular_values and STAGES.index(self.cache_until) >= first_svf:
                 raise ValueError("cache_until must come before every SVF stage (cached stages must be frozen)")
+        if self.init_singular_values and self.mode != "svf":
+            raise ValueError("init_singular_values needs mode: svf (a frozen backbone has no SVF layers)")
         self.scale = tuple(self.scale)  # type: ignore[assignment]
+
+    @property
+    def trains_singular_values(self) -> bool:
+        return self.mode == "svf" and self.train_singular_values
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -249,7 +259,28 @@ def build_model(cfg: TrainConfig) -> FewShotSegmenter:
     if cfg.mode == "svf":
         apply_svf(backbone.stages(cfg.svf_stages), kinds=cfg.svf_kinds, parametrization=cfg.parametrization)
     freeze_batchnorm(backbone)
-    return FewShotSegmenter(backbone, head)
+    model = FewShotSegmenter(backbone, head)
+    if cfg.init_singular_values:
+        load_singular_values(model, cfg.init_singular_values)
+    if not cfg.train_singular_values:
+        for p in svf_parameters(backbone):
+            p.requires_grad_(False)
+    return model
+
+
+def load_singular_values(model: FewShotSegmenter, path: str | os.PathLike) -> None:
+    """Set every SVF layer of ``model`` to the singular values stored in the model file ``path``
+    (checksum verified). The file must hold exactly these SVF layers, with the same shapes and
+    parametrisation, for the same backbone; its head is ignored. Raises :class:`CheckpointError`."""
+    tensors, meta = read_checkpoint(path)
+    name = Path(path).name
+    if meta.get("backbone") != model.backbone.name:
+        raise CheckpointError(f"{name} holds singular values of {meta.get('backbone')}, not {model.backbone.name}")
+    stored = matching_singular_values(model, tensors, name)
+    with torch.no_grad():
+        for key, value in trainable_state(model).items():
+            if key in stored:
+                value.copy_(stored[key])
 
 
 def checkpoint_meta(cfg: TrainConfig) -> dict[str, Any]:
@@ -261,6 +292,8 @@ def checkpoint_meta(cfg: TrainConfig) -> dict[str, Any]:
         "svf_stages": cfg.svf_stages if cfg.mode == "svf" else [],
         "svf_kinds": cfg.svf_kinds if cfg.mode == "svf" else [],
         "parametrization": cfg.parametrization,
+        **({"singular_values_from": Path(cfg.init_singular_values).name} if cfg.init_singular_values else {}),
+        **({} if cfg.train_singular_values else {"singular_values_trained": "false"}),
         "image_size": cfg.val_size or cfg.image_size,
         "shots": cfg.shots,
         "training_data": f"{cfg.data}:{Path(cfg.data_root).name}"
@@ -413,12 +446,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None) -> d
 
     train_source, val_source = build_sources(cfg)
     model = build_model(cfg).to(device)
-    params_svf = svf_parameters(model.backbone) if cfg.mode == "svf" else []
+    params_svf = svf_parameters(model.backbone) if cfg.trains_singular_values else []
     params_head = [p for p in model.head.parameters() if p.requires_grad]
     if not params_svf and not params_head:
         raise ValueError(f"nothing to train: head {cfg.method!r} has no parameters and mode is {cfg.mode!r}")
     if dist_info.main:
-        logger.info("%s; head parameters: %d", svf_stats(model.backbone), sum(p.numel() for p in params_head))
+        fixed = "" if cfg.trains_singular_values or cfg.mode != "svf" else " (singular values fixed)"
+        logger.info("%s%s; head parameters: %d", svf_stats(model.backbone), fixed, sum(p.numel() for p in params_head))
     groups = []
     if params_svf:
         wd = cfg.weight_decay if cfg.svf_weight_decay is None else cfg.svf_weight_decay

@@ -139,9 +139,11 @@ def test_sessions_keep_their_own_shots_and_adaptation(server, horse):
     job = a.submit(queries, 3, 0.01, False, api_name="/adapt")
     overlays, heats, files, status_b = b.predict(queries, api_name="/segment")
     assert "**Adapted** no" in status_b and "**Shots** 1/5" in status_b
+    assert "**Segmenting with** prototypes (low-shot values) ·" in status_b  # the default model, 1 shot
     assert np.asarray(Image.open(files[0])).shape == _gt(horse[4][1]).shape
     progress, overlays, heats, files, svf, layer, plot, rising, falling, status_a = job.result(timeout=300)
     assert 'data-step="3"' in progress and "**Adapted** yes (3 steps on 2 shot(s))" in status_a
+    assert "shots' cross-check IoU" in status_a  # 2 shots: the fallback's check decided
     assert len(overlays) == len(heats) == 1 and len(files) == 1 and Path(svf).suffix == ".safetensors"
     assert rising and falling and rising[0]["caption"].startswith("#") and "%" in rising[0]["caption"]
     assert plot is not None and layer

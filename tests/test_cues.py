@@ -29,7 +29,7 @@ def adapted(lite2, fss_dev):
 
 def test_changes_sorted_and_topk_sorted(adapted):
     p, _ = adapted
-    changes = singular_value_changes(p.model.backbone, p._base, p.svf_values())
+    changes = singular_value_changes(p.model.backbone, p.base_values(), p.svf_values())
     assert len(changes) == 2 and changes[0].score >= changes[1].score > 0
     layer = changes[0]
     assert layer.label.startswith("layer4.1.0.conv_p") and layer.label.endswith("(1x1)")
@@ -46,7 +46,7 @@ def test_cue_maps_have_image_size(adapted):
     img = shots[3][0]
     h, w = img.shape[:2]
     x = letterbox_image(img, 161, p.model.backbone.mean, p.model.backbone.std)[None]
-    layer = singular_value_changes(p.model.backbone, p._base, p.svf_values())[0]
+    layer = singular_value_changes(p.model.backbone, p.base_values(), p.svf_values())[0]
     idx = [i for i, _ in layer.top(4)]
     with p._active():
         maps = cue_maps(p.model.backbone, layer.name, x, idx, (h, w), fitted_size(h, w, 161))

@@ -71,6 +71,40 @@ def test_only_singular_values_and_head_train(fss_dev, tmp_path):
     assert not set(train_src.classes) & set(val_src.classes)
 
 
+def test_two_stage_training_keeps_the_loaded_singular_values_and_trains_only_the_head(fss_dev, tmp_path):
+    first = tmp_path / "svf"
+    train(tiny(fss_dev, first, "epochs=1", "val_episodes=0", "augment=false"))
+    stage_one = load_file(first / "model.safetensors")
+    second = tmp_path / "head"
+    cfg = tiny(fss_dev, second, "epochs=1", "val_episodes=0", "augment=false", "seed=1",
+               f"init_singular_values={first / 'model.safetensors'}", "train_singular_values=false")
+    model = build_model(cfg)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    initial_head = {k: v.clone() for k, v in trainable_state(model).items() if k.startswith("head.")}
+    train(cfg)
+    stage_two = load_file(second / "model.safetensors")
+    values = [k for k in stage_one if k.startswith("backbone.")]
+    assert values and all(torch.equal(stage_two[k], stage_one[k]) for k in values)
+    assert any(v.abs().sum() > 0 for k, v in stage_one.items() if k in values)  # stage one moved them
+    assert any(not torch.equal(stage_two[k], v) for k, v in initial_head.items())
+    _, meta = load_checkpoint(second / "model.safetensors")
+    assert meta["singular_values_from"] == "model.safetensors" and meta["singular_values_trained"] == "false"
+    # Fixed singular values may sit inside the cached stages.
+    TrainConfig.from_dict({"cache_features": True, "augment": False, "cache_until": "layer3",
+                           "svf_stages": ["layer3", "layer4"], "train_singular_values": False})
+
+    with pytest.raises(CheckpointError, match="SVF layers"):
+        build_model(tiny(fss_dev, second, "svf_stages=[layer3, layer4]",
+                         f"init_singular_values={first / 'model.safetensors'}"))
+    with pytest.raises(CheckpointError, match="SVF layers"):  # s stored, d expected
+        build_model(tiny(fss_dev, second, "parametrization=exp",
+                         f"init_singular_values={first / 'model.safetensors'}"))
+    with pytest.raises(CheckpointError, match="not found"):
+        build_model(tiny(fss_dev, second, f"init_singular_values={tmp_path / 'missing.safetensors'}"))
+    with pytest.raises(ValueError, match="needs mode: svf"):
+        tiny(fss_dev, second, "mode=frozen", f"init_singular_values={first / 'model.safetensors'}")
+
+
 def test_feature_cache_gives_the_same_loss_and_gradients(fss_dev, tmp_path):
     torch.manual_seed(0)
     cfg = tiny(fss_dev, tmp_path, "augment=false", "cache_features=true", "cache_until=layer2")

@@ -107,6 +107,7 @@ class PrototypeRefineHead(FewShotHead):
         self.prior_stage = prior_stage
         self.refine = refinement(width, tuple(dilations))
         self._prototype_only = False
+        self._any_shots = False
 
     @contextlib.contextmanager
     def prototype_only(self) -> Iterator[None]:
@@ -117,6 +118,16 @@ class PrototypeRefineHead(FewShotHead):
             yield
         finally:
             self._prototype_only = previous
+
+    @contextlib.contextmanager
+    def refined_from_one_shot(self) -> Iterator[None]:
+        """Inside the block the refinement applies from 1 shot on (``min_shots`` ignored): leave-one-out
+        checks of few supports (:mod:`svf_model.predictor`) then see the whole head."""
+        previous, self._any_shots = self._any_shots, True
+        try:
+            yield
+        finally:
+            self._any_shots = previous
 
     def features(self, backbone: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images [N, 3, H, W]`` -> (concatenated normalised stage features ``[N, C, h, w]``,
@@ -144,7 +155,7 @@ class PrototypeRefineHead(FewShotHead):
         """Query features ``[B, C, h, w]``, ``[B, C4, h, w]`` + cache (``[B, K, ...]``) -> ``[B, 2, h, w]``."""
         protos = F.normalize(cache["prototypes"].mean(1), dim=-1)  # [B, 2, C]
         cos = torch.einsum("bchw,bkc->bkhw", F.normalize(feat, dim=1), protos)
-        if (self._prototype_only or cache["prototypes"].shape[1] < self.min_shots
+        if (self._prototype_only or cache["prototypes"].shape[1] < (1 if self._any_shots else self.min_shots)
                 or min(feat.shape[-2:]) < self.min_feature_size):
             return self.temperature * cos
         prior_fg = region_prior(feat_prior, cache["prior_feat"], cache["fg"]).mean(1, keepdim=True)

@@ -1,0 +1,97 @@
+"""IoU of registry models on the app's example photos: everyday objects that are not in fss-dev.
+
+The bundled examples (``assets/``, scikit-image and matplotlib photos with hand-made masks) hold three
+photos of people, two of a motorcycle and two of coins. Every photo of a group is segmented from the
+others: 1 shot (each photo as the support of each other one: 10 episodes) and, for the people,
+2 shots (two photos as supports of the third: 3 episodes). Far too few episodes for a mean to mean
+much; it is a check that a model still segments everyday objects, run in seconds.
+
+    HF_HUB_OFFLINE=1 python benchmarks/examples_iou.py [--models A B ...] [--size 321] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from svf_model.predictor import Predictor  # noqa: E402
+from svf_model.registry import list_models, load_model  # noqa: E402
+
+GROUPS = {
+    "person": ["astronaut.jpg", "grace_hopper.jpg", "camera.png"],
+    "motorcycle": ["motorcycle_left.jpg", "motorcycle_right.jpg"],
+    "coins": ["coins_top.png", "coins_bottom.png"],
+}
+
+
+def _pair(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(image [H, W, 3] uint8, mask [H, W] bool)`` of an asset photo."""
+    image = np.asarray(Image.open(REPO / "assets" / "photos" / name).convert("RGB"))
+    mask = np.asarray(Image.open(REPO / "assets" / "masks" / f"{Path(name).stem}.png")) > 127
+    return image, mask
+
+
+def episodes() -> list[tuple[str, list[str], str]]:
+    """``(group, support photos, query photo)``: 1-shot pairs in both directions, 2-shot for people."""
+    out = []
+    for group, photos in GROUPS.items():
+        for support, query in itertools.permutations(photos, 2):
+            out.append((group, [support], query))
+        if len(photos) >= 3:
+            for query in photos:
+                out.append((group, [p for p in photos if p != query], query))
+    return out
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.logical_or(pred, gt).sum()
+    return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
+
+
+def run(model_name: str, size: int | None) -> list[dict]:
+    model, entry = load_model(model_name)
+    predictor = Predictor(model, image_size=size or entry.image_size, device="cpu", model_name=entry.name)
+    rows = []
+    for group, supports, query in episodes():
+        pairs = [_pair(s) for s in supports]
+        predictor.set_supports([im for im, _ in pairs], [m for _, m in pairs])
+        image, gt = _pair(query)
+        rows.append({"group": group, "supports": supports, "query": query,
+                     "iou": iou(predictor.predict(image).mask, gt)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=None, help="registry names (default: every local model)")
+    ap.add_argument("--size", type=int, default=None, help="letterbox size (default: each model's)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    names = args.models or list_models()
+    results = {name: run(name, args.size) for name in names}
+    print("| model | 1 shot: mean IoU (10 episodes) | 2 shots: mean IoU (3 episodes) "
+          "| person / motorcycle / coins, 1 shot |")
+    print("|---|---|---|---|")
+    for name, rows in results.items():
+        one = [r for r in rows if len(r["supports"]) == 1]
+        two = [r for r in rows if len(r["supports"]) == 2]
+        by_group = " / ".join(f"{100 * np.mean([r['iou'] for r in one if r['group'] == g]):.1f}" for g in GROUPS)
+        print(f"| {name} | {100 * np.mean([r['iou'] for r in one]):.1f} | {100 * np.mean([r['iou'] for r in two]):.1f} "
+              f"| {by_group} |")
+    report = {"size": args.size, "models": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
