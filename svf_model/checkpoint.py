@@ -114,8 +114,7 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict[str, Any] | None 
     low = getattr(model, "low_shot_values", None)
     if low is not None:
         for key, value in low.state.items():
-            layer, _, suffix = key.rpartition(".")
-            tensors[f"{LOW_SHOT}backbone.{layer}.sv.{suffix}"] = value.detach().cpu().contiguous().clone()
+            tensors[LOW_SHOT + _file_key(key)] = value.detach().cpu().contiguous().clone()
         info["low_shot_below"] = low.below
         if low.fallback_margin is not None:
             info["low_shot_fallback_margin"] = low.fallback_margin
@@ -213,6 +212,18 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], name: str) -> 
         raise CheckpointError(f"{name}: unexpected keys {result.unexpected_keys[:8]}")
 
 
+def _file_key(state_key: str) -> str:
+    """:func:`svf_model.svf_state` key ``<layer>.<s|d>`` -> model-file key ``backbone.<layer>.sv.<s|d>``."""
+    layer, _, suffix = state_key.rpartition(".")
+    return f"backbone.{layer}.sv.{suffix}"
+
+
+def _state_key(file_key: str) -> str:
+    """Model-file key ``backbone.<layer>.sv.<s|d>`` -> :func:`svf_model.svf_state` key ``<layer>.<s|d>``."""
+    layer, _, suffix = file_key.removeprefix("backbone.").rpartition(".sv.")
+    return f"{layer}.{suffix}"
+
+
 def matching_singular_values(model, tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """The ``backbone.<layer>.sv.*`` tensors among ``tensors``, checked to cover exactly ``model``'s
     SVF layers (same stages, kinds, parametrisation and shapes); else :class:`CheckpointError`."""
@@ -246,10 +257,7 @@ def low_shot_values(  # noqa: ANN201
                                        or fallback_up_to < below):
         raise CheckpointError(f"{name}: low_shot_fallback_up_to must be a whole number >= {below}, "
                               f"got {fallback_up_to!r}")
-    state = {}
-    for key, value in stored.items():  # backbone.<layer>.sv.<s|d> -> <layer>.<s|d>
-        layer, _, suffix = key[len("backbone."):].rpartition(".sv.")
-        state[f"{layer}.{suffix}"] = value.detach().clone()
+    state = {_state_key(key): value.detach().clone() for key, value in stored.items()}
     return LowShotValues(below=below, state=state,
                          fallback_margin=None if fallback_margin is None else float(fallback_margin),
                          fallback_up_to=fallback_up_to)
