@@ -1,4 +1,4 @@
-"""How fast the app feels: ``python app.py`` start -> page ready, Segment (1 shot + 1 query), Adapt (5 shots).
+"""How fast the app feels: ``python app.py`` start -> page ready, Segment (1 shot + 1 query), Adapt (5 shots), Reset.
 
 Starts the real app as a subprocess on a free 127.0.0.1 port and drives it with ``gradio_client``,
 like a browser session would. Prints a table and a JSON line (``--json PATH`` also writes it).
@@ -113,6 +113,9 @@ def main() -> None:
         out = client.predict(queries, defaults.steps, defaults.lr, defaults.gate == "support", api_name="/adapt")
         adapt_event = time.perf_counter() - t
         status = out[-1]
+        t = time.perf_counter()
+        client.predict(queries, api_name="/reset")
+        reset_event = time.perf_counter() - t
         inner = re.search(r"(\d+) steps in ([\d.]+) s", status)
         device = re.search(r"\*\*Device\*\* (\w+)", status)
         size = re.search(r"\*\*Image size\*\* (\d+)", status)
@@ -137,6 +140,7 @@ def main() -> None:
         "adapt_5_shots_s": round(adapt_event, 2),
         "adapt_5_shots_inner_s": float(inner.group(2)) if inner else None,
         "adapt_steps": int(inner.group(1)) if inner else None,
+        "reset_s": round(reset_event, 3),
         "data": "fss-dev horse" if "fss-dev" in pairs[0][0] else "assets",
     }
     rows = [
@@ -147,6 +151,7 @@ def main() -> None:
         ("Segment, 1 shot + 1 query (median)", "segment_s"),
         ("Adapt, 5 shots, event incl. re-segment + cues", "adapt_5_shots_s"),
         ("Adapt, 5 shots, the adaptation alone", "adapt_5_shots_inner_s"),
+        ("Reset after it, incl. re-segment + cues", "reset_s"),
     ]
     print(f"model {result['model']}, image size {result['image_size']}, device {result['device']}, "
           f"{result['cpu_count']} CPUs, torch threads {result['torch_threads']}, "

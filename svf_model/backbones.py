@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .feature_memo import FeatureMemo
+from .svf import SVFLayer
 from .weights import load_state_dict_file
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BackboneBuilder = Callable[[str | os.PathLike | None], "Backbone"]
 _REGISTRY: dict[str, BackboneBuilder] = {}
+
+
+def _first_svf_unit(units: list[tuple[str, nn.Module]]) -> list[int]:
+    """``[i]``: the first of ``units`` holding an SVF layer (none: ``[]``) - a cut for the feature memo."""
+    return next(([i] for i, (_, block) in enumerate(units)
+                 if any(isinstance(m, SVFLayer) for m in block.modules())), [])
 
 
 class BackboneWeightsError(RuntimeError):
@@ -92,7 +99,8 @@ class Backbone(nn.Module):
                 x = getattr(self, name)(x)
                 feats[name] = x
             return feats
-        return self._memo.forward(self.units(), x)
+        units = self.units()
+        return self._memo.forward(units, x, anchors=_first_svf_unit(units))
 
     @contextlib.contextmanager
     def memoize(self, max_bytes: int = 1 << 30) -> Iterator[FeatureMemo]:

@@ -4,12 +4,14 @@ Tensors: ``head.*`` (the head's whole state dict) and ``backbone.<svf layer>.sv.
 parametrisation) or ``.sv.d`` (``exp``); optionally ``low_shot.backbone.<svf layer>.sv.*``, a second
 set of singular values for fewer than ``low_shot_below`` shots (:class:`svf_model.model.LowShotValues`,
 every SVF layer, same shapes). The frozen backbone is not stored: it is rebuilt from its
-pretrained weights, which also give the SVD bases ``U``, ``V`` and ``s0``.
+pretrained weights, which also give the SVD bases ``U``, ``V`` and ``s0``. Comparison models that
+trained backbone weights instead of singular values (``tuned_weights``: ``full`` or ``bn`` on
+``tuned_stages``, :class:`svf_model.model.TunedWeights`) also store those as ``backbone.<name>``.
 
 Metadata (strings; JSON for non-strings): ``format``, ``backbone``, ``backbone_weights``
 (``imagenet``, ``random`` or a path), ``method``, ``head_kwargs``, ``svf_stages``, ``svf_kinds``,
 ``parametrization``, ``image_size``, ``shots``, ``low_shot_below``, ``low_shot_fallback_margin`` and
-``low_shot_fallback_up_to`` (with low-shot values),
+``low_shot_fallback_up_to`` (with low-shot values), ``tuned_weights`` and ``tuned_stages`` (comparison models),
 ``sha256`` (of the tensors: a changed byte is refused), ``backbone_fingerprint`` (of the frozen
 backbone weights: a different pretrained backbone gives a warning), plus any extra keys the caller
 adds.
@@ -33,18 +35,22 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "svf-fewshot/1"
 _JSON_KEYS = ("head_kwargs", "svf_stages", "svf_kinds", "image_size", "shots", "low_shot_below",
-              "low_shot_fallback_margin", "low_shot_fallback_up_to")
+              "low_shot_fallback_margin", "low_shot_fallback_up_to", "tuned_stages")
 LOW_SHOT = "low_shot."
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:  # noqa: ANN001 - FewShotSegmenter
-    """``head.*`` state + ``backbone.<layer>.sv.{s|d}`` of every SVF layer (detached)."""
+    """``head.*`` state + ``backbone.<layer>.sv.{s|d}`` of every SVF layer (detached), + the tuned
+    backbone tensors of a comparison model (``model.tuned_weights``)."""
     from .svf import svf_layers
 
     state = {f"head.{k}": v.detach() for k, v in model.head.state_dict().items()}
     for name, layer in svf_layers(model.backbone):
         suffix = "s" if layer.sv.parametrization == "direct" else "d"
         state[f"backbone.{name}.sv.{suffix}"] = layer.sv.trainable.detach()
+    tuned = getattr(model, "tuned_weights", None)
+    if tuned is not None:
+        state.update({f"backbone.{k}": v.detach() for k, v in tuned.tensors(model.backbone).items()})
     return state
 
 
@@ -58,16 +64,17 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def backbone_fingerprint(backbone: torch.nn.Module) -> str:
+def backbone_fingerprint(backbone: torch.nn.Module, tuned: set[str] = frozenset()) -> str:
     """Digest of the backbone's frozen pretrained tensors: everything except SVF layers' own
-    tensors and BatchNorm counters (short hex)."""
+    tensors, the ``tuned`` ones (backbone-relative names) and BatchNorm counters (short hex)."""
     from .svf import svf_layers
 
     svf_names = {name for name, _ in svf_layers(backbone)}
     tensors = {}
     for key, value in backbone.state_dict().items():
         owner = key.rsplit(".", 1)[0]
-        if key.endswith("num_batches_tracked") or any(owner == n or owner.startswith(n + ".") for n in svf_names):
+        if (key.endswith("num_batches_tracked") or key in tuned
+                or any(owner == n or owner.startswith(n + ".") for n in svf_names)):
             continue
         tensors[key] = value.float()
     return tensors_sha256(tensors)[:16]
@@ -120,9 +127,12 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict[str, Any] | None 
             info["low_shot_fallback_margin"] = low.fallback_margin
         if low.fallback_up_to is not None:
             info["low_shot_fallback_up_to"] = low.fallback_up_to
+    tuned = getattr(model, "tuned_weights", None)
+    if tuned is not None:
+        info["tuned_weights"], info["tuned_stages"] = tuned.kind, list(tuned.stages)
     info["format"] = FORMAT
     info["sha256"] = tensors_sha256(tensors)
-    info["backbone_fingerprint"] = backbone_fingerprint(model.backbone)
+    info["backbone_fingerprint"] = backbone_fingerprint(model.backbone, _tuned_names(model))
     metadata = {k: (json.dumps(v) if k in _JSON_KEYS or not isinstance(v, str) else v) for k, v in info.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -166,6 +176,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def _tuned_names(model) -> set[str]:  # noqa: ANN001
+    tuned = getattr(model, "tuned_weights", None)
+    return set(tuned.tensors(model.backbone)) if tuned is not None else set()
+
+
 def build_from_meta(meta: dict[str, Any], backbone_weights: str | os.PathLike | None = None):  # noqa: ANN201
     """Model skeleton (pretrained backbone, fresh head, SVF applied) described by ``meta``."""
     from .backbones import BackboneWeightsError, build_backbone
@@ -188,7 +203,17 @@ def build_from_meta(meta: dict[str, Any], backbone_weights: str | os.PathLike | 
         apply_svf(backbone.stages(meta["svf_stages"]), kinds=meta.get("svf_kinds", ("1x1", "3x3")),
                   parametrization=meta.get("parametrization", "direct"))
     freeze_batchnorm(backbone)
-    return FewShotSegmenter(backbone, head)
+    model = FewShotSegmenter(backbone, head)
+    if meta.get("tuned_weights") is not None:
+        from .backbones import STAGES
+        from .model import TunedWeights
+
+        kind, stages = meta["tuned_weights"], meta.get("tuned_stages")
+        if kind not in TunedWeights.KINDS or not isinstance(stages, list) or not set(stages) <= set(STAGES):
+            raise CheckpointError(f"tuned_weights must be one of {TunedWeights.KINDS} with tuned_stages from "
+                                  f"{STAGES}, got {kind!r} on {stages!r}")
+        model.tuned_weights = TunedWeights(kind, tuple(stages))
+    return model
 
 
 def load_trainable_state(model, tensors: dict[str, torch.Tensor], name: str) -> None:  # noqa: ANN001
@@ -280,7 +305,7 @@ def load_checkpoint(
                                                 meta.get("low_shot_fallback_margin"),
                                                 meta.get("low_shot_fallback_up_to"))
     fingerprint = meta.get("backbone_fingerprint")
-    if fingerprint and fingerprint != backbone_fingerprint(model.backbone):
+    if fingerprint and fingerprint != backbone_fingerprint(model.backbone, _tuned_names(model)):
         message = (f"{Path(path).name} was trained on other {meta['backbone']} weights than those loaded "
                    "(fingerprint differs): results may be worse than reported")
         warnings.warn(message, stacklevel=2)

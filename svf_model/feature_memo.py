@@ -7,24 +7,34 @@ after adapting the supports and queries are encoded again although only the last
 first block that trains or carries a forward hook* (the "cut"), keyed by
 
 * a digest of the image tensor's bytes (shape, dtype, device and autocast state included), and
-* a fingerprint of those blocks' weights: ``(id, version)`` of every parameter and buffer, so any
-  in-place change (an optimiser step, :func:`svf_model.set_svf_state`) makes old entries unreachable.
+* a fingerprint of those blocks' weights: the *content* of every small parameter and buffer
+  (singular values, BatchNorm; up to ``CONTENT_KEYED_NUMEL`` elements, re-hashed only when the
+  tensor's version changes) and ``(id, version)`` of the large ones. Any in-place change (an
+  optimiser step, :func:`svf_model.set_svf_state`) makes old entries unreachable, and putting the
+  previous values back (Reset, switching between a model's value sets) makes them valid again.
 
 A later call that can only use a shorter prefix (weights after it changed, or a block after it now
-trains) resumes from the longest valid one. Entries are evicted least-recently-used beyond
-``max_bytes``. Results equal a plain forward up to float rounding of batched vs single convolutions.
+trains) resumes from the longest valid one. The backbone also names *anchors*, cuts worth keeping
+although nothing trains there yet: the start of its first SVF block, so that switching between sets
+of singular values (a model's value sets, adapt/reset, the 2-shot fallback check) re-runs only the
+blocks those values belong to. Entries are evicted least-recently-used beyond ``max_bytes``; a
+tensor shared by several entries of one image (a stage's output stored at two cuts) counts once.
+Results equal a plain forward up to float rounding of batched vs single convolutions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 Units = Sequence[tuple[str, nn.Module]]
+
+CONTENT_KEYED_NUMEL = 1 << 16
 
 
 class FeatureMemo:
@@ -36,9 +46,11 @@ class FeatureMemo:
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor]] = OrderedDict()
+        self._held: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (tensor, entries holding it)
         self._cuts: set[int] = set()
-        self.bytes = 0
+        self._contents: dict[int, tuple[weakref.ref, int, str]] = {}  # id -> (tensor, version, digest)
+        self.bytes = 0  # of the distinct tensors held
         self.hits = 0  # images served from a memo entry at the current cut
         self.resumed = 0  # images resumed from a shorter valid prefix
         self.misses = 0  # images run from the input
@@ -48,6 +60,8 @@ class FeatureMemo:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._held.clear()
+        self._contents.clear()
         self._cuts.clear()
         self.bytes = 0
 
@@ -63,13 +77,29 @@ class FeatureMemo:
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         return digest, tuple(x.shape), x.dtype, str(x.device), autocast
 
-    @staticmethod
-    def _prefix_fingerprints(units: Units, cut: int) -> list[int]:
+    def _weight_key(self, t: torch.Tensor) -> tuple:
+        """What identifies the value of one weight tensor (see the module docstring)."""
+        if t.numel() > CONTENT_KEYED_NUMEL:
+            return id(t), t._version
+        known = self._contents.get(id(t))
+        if known is not None and known[0]() is t and known[1] == t._version:
+            return (known[2],)
+        host = t.detach().contiguous().cpu()
+        if host.dtype == torch.bfloat16:
+            host = host.view(torch.int16)
+        digest = hashlib.blake2b(host.numpy().tobytes(), digest_size=16).hexdigest()
+        digest = f"{digest}:{tuple(t.shape)}:{t.dtype}:{t.device}"
+        if len(self._contents) > 1 << 14:  # forget tensors that no longer exist
+            self._contents = {k: v for k, v in self._contents.items() if v[0]() is not None}
+        self._contents[id(t)] = (weakref.ref(t), t._version, digest)
+        return (digest,)
+
+    def _prefix_fingerprints(self, units: Units, cut: int) -> list[int]:
         """``fp[c]``: fingerprint of the weights of ``units[:c]`` for ``c = 0..cut``."""
         fps, acc = [hash(())], ()
         for _, block in units[:cut]:
             tensors = [*block.parameters(), *block.buffers()]
-            acc = (hash(acc), tuple((id(t), t._version) for t in tensors))
+            acc = (hash(acc), tuple(self._weight_key(t) for t in tensors))
             fps.append(hash(acc))
         return fps
 
@@ -79,35 +109,59 @@ class FeatureMemo:
         if entry is None:
             return None
         self._entries.move_to_end(key)
-        return entry[0], entry[1]
+        return entry
+
+    @staticmethod
+    def _tensors(feats: dict[str, torch.Tensor], h: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {id(t): t for t in (*feats.values(), h)}
+
+    def _hold(self, tensors: dict[int, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            count = self._held[key][1] if key in self._held else 0
+            if count == 0:
+                self.bytes += t.numel() * t.element_size()
+            self._held[key] = (t, count + 1)
+
+    def _release(self, tensors: dict[int, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            count = self._held[key][1] - 1
+            if count == 0:
+                self.bytes -= t.numel() * t.element_size()
+                del self._held[key]
+            else:
+                self._held[key] = (t, count)
+
+    def _new_bytes(self, tensors: dict[int, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for key, t in tensors.items() if key not in self._held)
 
     def _put(self, key: tuple, feats: dict[str, torch.Tensor], h: torch.Tensor) -> None:
-        tensors = {id(t): t for t in (*feats.values(), h)}
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if nbytes > self.max_bytes:
+        tensors = self._tensors(feats, h)
+        if self._new_bytes(tensors) > self.max_bytes:
             return
         old = self._entries.pop(key, None)
+        self._hold(tensors)
         if old is not None:
-            self.bytes -= old[2]
-        self._entries[key] = (feats, h, nbytes)
-        self.bytes += nbytes
-        while self.bytes > self.max_bytes:
-            _, (_, _, size) = self._entries.popitem(last=False)
-            self.bytes -= size
+            self._release(self._tensors(*old))
+        self._entries[key] = (feats, h)
+        while self.bytes > self.max_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self._release(self._tensors(*evicted))
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, units: Units, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, units: Units, x: torch.Tensor, anchors: Iterable[int] = ()) -> dict[str, torch.Tensor]:
         """Run ``units`` (``[(stage, block)]`` in order) on ``x [B, 3, H, W]`` -> ``{stage: features}``.
 
         Blocks before the first one that trains or carries a forward hook run without gradient, per
         image, through the memo; the rest run live on the whole batch (with gradient if enabled), so
-        hooks always fire.
+        hooks always fire. ``anchors``: indices into ``units`` whose inputs are stored too, on the way
+        (see the module docstring).
         """
         cut = next((i for i, (_, m) in enumerate(units) if _must_run(m)), len(units))
         if cut == 0 or x.requires_grad:
             feats = _run(units, 0, len(units), x, {})
             feats.pop("__h__")
             return feats
+        self._cuts.update(a for a in anchors if 0 < a < cut)
         fps = self._prefix_fingerprints(units, cut)
         candidates = sorted((c for c in self._cuts | {cut} if 0 < c <= cut), reverse=True)
         per_image: list[tuple[dict[str, torch.Tensor], torch.Tensor] | None] = []
@@ -142,7 +196,8 @@ class FeatureMemo:
                 # also remember the outputs at other known cut points on the way, so a later call
                 # with a shorter frozen prefix (e.g. adaptation) can resume from them
                 stops = sorted(c for c in self._cuts if start < c < cut) + [cut]
-                kept: dict[int, dict[str, torch.Tensor]] = {b: {} for b in images}
+                # an image's tensors already stored at its resume point are shared, not copied
+                kept = {b: dict(starts[b][0]) if start else {} for b in images}
                 for stop in stops:
                     feats = _run(units, start, stop, h, feats)
                     h = feats.pop("__h__")

@@ -89,11 +89,37 @@ class LowShotValues:
     fallback_up_to: int | None = None
 
 
+@dataclass(frozen=True)
+class TunedWeights:
+    """Backbone weights a *comparison* model trained instead of singular values (the SVF paper's
+    ablation): ``kind`` ``"full"`` (every parameter of ``stages``: conv weights and BatchNorm's affine)
+    or ``"bn"`` (BatchNorm's affine only). Running statistics stay frozen. Such a model file stores
+    these tensors too (see :mod:`svf_model.checkpoint`)."""
+
+    kind: str
+    stages: tuple[str, ...]
+
+    KINDS = ("full", "bn")
+
+    def tensors(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
+        """``{backbone-relative name: tensor}`` of what this tunes (the live tensors)."""
+        out = {}
+        for stage in self.stages:
+            for name, module in backbone.get_submodule(stage).named_modules():
+                if self.kind == "bn" and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    continue
+                prefix = f"{stage}.{name}." if name else f"{stage}."
+                for key, param in module.named_parameters(recurse=False):
+                    out[prefix + key] = param
+        return out
+
+
 class FewShotSegmenter(nn.Module):
     """``backbone`` + ``head``. State-dict keys: ``backbone.layerN.*`` and ``head.*``.
 
     ``low_shot_values`` (optional, from the model file) holds singular values for the prototype
     logits; :class:`svf_model.predictor.Predictor` decides when to use them (:class:`LowShotValues`).
+    ``tuned_weights`` is set on comparison models whose backbone weights were trained (:class:`TunedWeights`).
     """
 
     def __init__(self, backbone: Backbone, head: FewShotHead) -> None:
@@ -101,6 +127,7 @@ class FewShotSegmenter(nn.Module):
         self.backbone = backbone
         self.head = head
         self.low_shot_values: LowShotValues | None = None
+        self.tuned_weights: TunedWeights | None = None
 
     @property
     def method(self) -> str:

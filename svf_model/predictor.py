@@ -203,7 +203,7 @@ class Predictor:
         self._supports = torch.stack(xs).to(self.device)
         self._support_masks = torch.stack(ms).to(self.device)
         self._cache = None
-        memoize = getattr(self.model.backbone, "memoize", None)  # the check and the encoding share layer0-3
+        memoize = getattr(self.model.backbone, "memoize", None)  # the check and the encoding share passes
         with memoize() if memoize is not None else contextlib.nullcontext():
             self._low_shot = self._choose_low_shot()
             self._encode()

@@ -7,8 +7,11 @@ Command line::
 
 Every option is a field of :class:`TrainConfig` (documented in the YAML files under ``configs/``).
 What trains: the head's parameters and, with ``mode: svf``, the singular values of the SVF stages;
-everything else in the backbone (BatchNorm included) is frozen. Loss: cross-entropy (ignore 255) on
-the main logits + ``aux_weight`` x the mean cross-entropy of the auxiliary logits (PFENet).
+everything else in the backbone (BatchNorm included) is frozen. For comparison (the SVF paper's
+ablation), ``mode: full`` trains every parameter of those stages instead and ``mode: bn`` their
+BatchNorm affine parameters (running statistics stay frozen; :class:`svf_model.model.TunedWeights`).
+Loss: cross-entropy (ignore 255) on the main logits + ``aux_weight`` x the mean cross-entropy of the
+auxiliary logits (PFENet).
 
 Outputs in ``out``: ``model.safetensors`` (final: head + singular values, see
 :mod:`svf_model.checkpoint`), ``best.safetensors`` (best validation mIoU), ``last.pt`` (resume
@@ -57,7 +60,7 @@ from .data import (
 from .data.transforms import resize_logits
 from .heads import build_head
 from .losses import LOSSES, segmentation_loss
-from .model import FewShotSegmenter
+from .model import FewShotSegmenter, TunedWeights
 from .svf import apply_svf, freeze_batchnorm, svf_parameters, svf_stats
 from .weights import CheckpointError
 
@@ -89,7 +92,7 @@ class TrainConfig:
     backbone_weights: str = "imagenet"
     method: str = "pfenet"
     head_kwargs: dict[str, Any] = field(default_factory=dict)
-    mode: str = "svf"  # svf | frozen
+    mode: str = "svf"  # svf | frozen | full | bn (full, bn: comparison; svf_stages = the tuned stages)
     svf_stages: list[str] = field(default_factory=lambda: ["layer3", "layer4"])
     svf_kinds: list[str] = field(default_factory=lambda: ["1x1", "3x3"])
     parametrization: str = "direct"
@@ -156,8 +159,8 @@ class TrainConfig:
         return cls.from_dict(raw)
 
     def validate(self) -> None:
-        if self.mode not in ("svf", "frozen"):
-            raise ValueError(f"mode must be svf or frozen, got {self.mode!r}")
+        if self.mode not in ("svf", "frozen", *TunedWeights.KINDS):
+            raise ValueError(f"mode must be svf, frozen, full or bn, got {self.mode!r}")
         if self.data not in ("folder", "pascal", "coco"):
             raise ValueError(f"data must be folder, pascal or coco, got {self.data!r}")
         if self.loss not in LOSSES:
@@ -173,8 +176,9 @@ class TrainConfig:
             if self.cache_until not in STAGES[:-1]:
                 raise ValueError(f"cache_until must be one of {STAGES[:-1]}")
             first_svf = min(STAGES.index(s) for s in self.svf_stages) if self.svf_stages else len(STAGES)
-            if self.trains_singular_values and STAGES.index(self.cache_until) >= first_svf:
-                raise ValueError("cache_until must come before every SVF stage (cached stages must be frozen)")
+            if (self.trains_singular_values or self.tunes_weights) and STAGES.index(self.cache_until) >= first_svf:
+                raise ValueError("cache_until must come before every SVF stage or tuned stage "
+                                 "(cached stages must be frozen)")
         if self.init_singular_values and self.mode != "svf":
             raise ValueError("init_singular_values needs mode: svf (a frozen backbone has no SVF layers)")
         self.scale = tuple(self.scale)  # type: ignore[assignment]
@@ -182,6 +186,11 @@ class TrainConfig:
     @property
     def trains_singular_values(self) -> bool:
         return self.mode == "svf" and self.train_singular_values
+
+    @property
+    def tunes_weights(self) -> bool:
+        """A comparison mode that trains backbone weights (``full``, ``bn``) instead of singular values."""
+        return self.mode in TunedWeights.KINDS
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -250,7 +259,8 @@ def build_sources(cfg: TrainConfig) -> tuple[EpisodeSource, EpisodeSource]:
 
 
 def build_model(cfg: TrainConfig) -> FewShotSegmenter:
-    """Backbone (frozen, BN frozen) + head; with ``mode: svf`` SVF layers on ``svf_stages``."""
+    """Backbone (frozen, BN frozen) + head; with ``mode: svf`` SVF layers on ``svf_stages``; with
+    ``full``/``bn`` those stages' weights / BatchNorm affine parameters trainable instead."""
     weights = None if cfg.backbone_weights == "random" else cfg.backbone_weights
     backbone = build_backbone(cfg.backbone, weights=weights)
     head = build_head(cfg.method, backbone, **cfg.head_kwargs)
@@ -265,6 +275,10 @@ def build_model(cfg: TrainConfig) -> FewShotSegmenter:
     if not cfg.train_singular_values:
         for p in svf_parameters(backbone):
             p.requires_grad_(False)
+    if cfg.tunes_weights:
+        model.tuned_weights = TunedWeights(cfg.mode, tuple(cfg.svf_stages))
+        for p in model.tuned_weights.tensors(backbone).values():
+            p.requires_grad_(True)
     return model
 
 
@@ -291,6 +305,7 @@ def checkpoint_meta(cfg: TrainConfig) -> dict[str, Any]:
         "head_kwargs": cfg.head_kwargs,
         "svf_stages": cfg.svf_stages if cfg.mode == "svf" else [],
         "svf_kinds": cfg.svf_kinds if cfg.mode == "svf" else [],
+        **({"tuned_weights": cfg.mode, "tuned_stages": cfg.svf_stages} if cfg.tunes_weights else {}),
         "parametrization": cfg.parametrization,
         **({"singular_values_from": Path(cfg.init_singular_values).name} if cfg.init_singular_values else {}),
         **({} if cfg.train_singular_values else {"singular_values_trained": "false"}),
@@ -446,17 +461,22 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None) -> d
 
     train_source, val_source = build_sources(cfg)
     model = build_model(cfg).to(device)
-    params_svf = svf_parameters(model.backbone) if cfg.trains_singular_values else []
+    params_backbone = svf_parameters(model.backbone) if cfg.trains_singular_values else []
+    if cfg.tunes_weights:
+        params_backbone = list(model.tuned_weights.tensors(model.backbone).values())
     params_head = [p for p in model.head.parameters() if p.requires_grad]
-    if not params_svf and not params_head:
+    if not params_backbone and not params_head:
         raise ValueError(f"nothing to train: head {cfg.method!r} has no parameters and mode is {cfg.mode!r}")
     if dist_info.main:
         fixed = "" if cfg.trains_singular_values or cfg.mode != "svf" else " (singular values fixed)"
         logger.info("%s%s; head parameters: %d", svf_stats(model.backbone), fixed, sum(p.numel() for p in params_head))
+        if cfg.tunes_weights:
+            logger.info("comparison mode %s: %d backbone weights of %s train", cfg.mode,
+                        sum(p.numel() for p in params_backbone), ", ".join(cfg.svf_stages))
     groups = []
-    if params_svf:
+    if params_backbone:
         wd = cfg.weight_decay if cfg.svf_weight_decay is None else cfg.svf_weight_decay
-        groups.append({"params": params_svf, "lr": cfg.lr, "weight_decay": wd, "name": "svf"})
+        groups.append({"params": params_backbone, "lr": cfg.lr, "weight_decay": wd, "name": "backbone"})
     if params_head:
         groups.append({"params": params_head, "lr": cfg.head_lr or cfg.lr, "weight_decay": cfg.weight_decay,
                        "name": "head"})

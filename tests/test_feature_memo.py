@@ -9,6 +9,7 @@ import torch
 from svf_model import apply_svf, build_backbone
 from svf_model.data.episodes import make_episodes
 from svf_model.data.fss_folder import FSSFolder
+from svf_model.delta import set_svf_state, svf_state
 from svf_model.evaluate import evaluate
 from svf_model.heads import build_head
 from svf_model.model import FewShotSegmenter
@@ -59,19 +60,59 @@ def test_memo_matches_plain_forward_and_serves_repeated_images(svf_lite2, photos
 
 
 def test_changed_weights_are_never_served_stale(svf_lite2, photos):
+    """Changed singular values re-run the blocks from the first SVF block on (the memo's anchor);
+    a changed weight before it re-runs everything. Either way the result is the plain forward's."""
     layer = last_block_layer(svf_lite2)
-    saved = layer.sv.trainable.detach().clone()
+    early = svf_lite2.layer1[0]  # a plain block before the anchor
+    early_weight = next(early.parameters())
+    saved = layer.sv.trainable.detach().clone(), early_weight.detach().clone()
     try:
         with torch.no_grad(), svf_lite2.memoize() as memo:
             svf_lite2(photos)
-            layer.sv.trainable.add_(0.3)  # in place, like an optimiser step
+            layer.sv.trainable.add_(0.3)  # in place, like an optimiser step or set_svf_state
             changed = svf_lite2(photos)
-            assert memo.misses == 6  # no shorter prefix was known yet: recomputed from the input
-        with torch.no_grad():
-            assert_same_features(changed, svf_lite2(photos))
+            assert (memo.misses, memo.resumed, memo.hits) == (3, 3, 0)
+            assert_same_features(changed, _plain(svf_lite2, photos))
+            early_weight.mul_(1.1)
+            changed_early = svf_lite2(photos)
+            assert (memo.misses, memo.resumed) == (6, 3)
+        assert_same_features(changed_early, _plain(svf_lite2, photos))
     finally:
         with torch.no_grad():
-            layer.sv.trainable.copy_(saved)
+            layer.sv.trainable.copy_(saved[0])
+            early_weight.copy_(saved[1])
+
+
+def _plain(backbone, x):
+    """The backbone's forward without any memo."""
+    memo, backbone._memo = backbone._memo, None
+    try:
+        with torch.no_grad():
+            return backbone(x)
+    finally:
+        backbone._memo = memo
+
+
+def test_switching_value_sets_shares_the_frozen_prefix(svf_lite2, photos):
+    """Two sets of singular values in turn (as the 2-shot fallback check, Adapt and Reset do): the
+    blocks before the first SVF block run once per image, values seen before are served again, and
+    the stage outputs shared by the stored cuts are counted once."""
+    own = svf_state(svf_lite2)
+    other = {k: v + 0.1 for k, v in own.items()}
+    try:
+        with torch.no_grad(), svf_lite2.memoize() as memo:
+            first = svf_lite2(photos[:1])
+            one_image = memo.bytes
+            for state in (other, own, other):
+                set_svf_state(svf_lite2, state)
+                svf_lite2(photos[:1])
+            assert (memo.misses, memo.resumed, memo.hits) == (1, 1, 2)
+            assert len(memo) == 3  # the anchor's entry and one per set of values
+            assert memo.bytes == one_image + first["layer4"].numel() * 4  # only a new layer4 output
+            set_svf_state(svf_lite2, own)
+            assert_same_features(svf_lite2(photos[:1]), first)
+    finally:
+        set_svf_state(svf_lite2, own)
 
 
 def test_adaptation_prefix_is_reused_after_the_last_block_changes(svf_lite2, photos):
@@ -109,7 +150,7 @@ def test_memo_stays_within_its_budget(svf_lite2, photos):
     with torch.no_grad(), svf_lite2.memoize(max_bytes=budget) as memo:
         for i in range(3):
             svf_lite2(photos[i : i + 1])
-        assert memo.bytes <= budget and len(memo) == 2  # the oldest image was evicted
+        assert memo.bytes <= budget and len(memo) == 4  # the oldest image was evicted (2 cuts each)
         svf_lite2(photos[2:3])
         assert memo.hits == 1  # the newest one is still there
         svf_lite2(photos[0:1])
@@ -138,5 +179,5 @@ def test_cue_maps_see_their_layer_even_when_the_image_is_memoised(svf_lite2, pho
     with torch.no_grad(), svf_lite2.memoize() as memo:
         svf_lite2(photos[:1])
         memoised = cue_maps(svf_lite2, name, photos[:1], [0, 1, 2], (97, 97))
-        assert memo.hits == 0  # the maps ran the backbone for real
+        assert memo.hits == 1  # served up to the hooked block, which ran for real
     np.testing.assert_allclose(memoised, plain, atol=1e-6)

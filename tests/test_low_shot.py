@@ -157,6 +157,14 @@ def test_fallback_to_the_low_shot_values_when_the_supports_cross_check_favours_t
     np.testing.assert_allclose(results["never"][1], results["refine"][1], atol=1e-5)
     assert iou(results["fallback"][1] > 0.5, truth) > iou(results["refine"][1] > 0.5, truth) + 0.15
 
+    # The check and the encoding share the backbone's work: each shot runs the blocks before the
+    # first SVF block once, and the SVF blocks once per value set.
+    model, _ = load_checkpoint(with_fallback)
+    with model.backbone.memoize() as memo:
+        Predictor(model, image_size=size, device="cpu").set_supports([im for im, _ in supports],
+                                                                     [m for _, m in supports])
+    assert (memo.misses, memo.resumed) == (2, 2) and memo.hits > 0
+
     # Adapting from the fallback starts from the low-shot values and keeps the prototype logits.
     low = fallback.model.low_shot_values.state
     fallback.adapt(FAST)

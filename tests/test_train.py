@@ -105,6 +105,41 @@ def test_two_stage_training_keeps_the_loaded_singular_values_and_trains_only_the
         tiny(fss_dev, second, "mode=frozen", f"init_singular_values={first / 'model.safetensors'}")
 
 
+@pytest.mark.parametrize("mode", ["full", "bn"])
+def test_comparison_modes_tune_backbone_weights_and_store_them(fss_dev, tmp_path, mode):
+    """The paper's ablation: ``full`` trains every parameter of the stage, ``bn`` its BatchNorm
+    affine; the model file stores them, and loading it rebuilds exactly the trained backbone."""
+    import warnings
+
+    from svf_model.backbones import build_backbone
+    from svf_model.svf import svf_layers
+
+    cfg = tiny(fss_dev, tmp_path, f"mode={mode}", "epochs=1", "val_episodes=0", "augment=false")
+    model = build_model(cfg)
+    tuned = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert tuned and all(n.startswith("layer4.") for n in tuned) and not list(svf_layers(model.backbone))
+    bn_names = {f"{n}.{k}" for n, m in model.backbone.named_modules() for k in ("weight", "bias")
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and n.startswith("layer4.")}
+    assert (tuned == bn_names) if mode == "bn" else (tuned > bn_names)
+    assert all(is_frozen_batchnorm(m) for m in model.backbone.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))  # running statistics stay fixed
+
+    train(cfg)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert {k[len("backbone."):] for k in stored if k.startswith("backbone.")} == tuned
+    pretrained = build_backbone("efficientnet_lite2").state_dict()
+    assert any(not torch.equal(stored[f"backbone.{n}"], pretrained[n]) for n in tuned)  # training moved them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the untouched backbone's fingerprint matches
+        loaded, meta = load_checkpoint(tmp_path / "model.safetensors")
+    assert meta["tuned_weights"] == mode and meta["tuned_stages"] == ["layer4"]
+    state = loaded.backbone.state_dict()
+    assert all(torch.equal(state[n], stored[f"backbone.{n}"]) for n in tuned)
+    assert all(torch.equal(state[k], v) for k, v in pretrained.items() if k not in tuned)
+    with pytest.raises(ValueError, match="mode must be"):
+        tiny(fss_dev, tmp_path, "mode=everything")
+
+
 def test_feature_cache_gives_the_same_loss_and_gradients(fss_dev, tmp_path):
     torch.manual_seed(0)
     cfg = tiny(fss_dev, tmp_path, "augment=false", "cache_features=true", "cache_until=layer2")
