@@ -8,7 +8,7 @@ cache (:meth:`FewShotSegmenter.segment`). ``forward`` does both, as the official
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,7 @@ class TunedWeights:
     kind: str
     stages: tuple[str, ...]
 
-    KINDS = ("full", "bn")
+    KINDS: ClassVar[tuple[str, ...]] = ("full", "bn")
 
     def tensors(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
         """``{backbone-relative name: tensor}`` of what this tunes (the live tensors)."""
