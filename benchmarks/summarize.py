@@ -42,6 +42,7 @@ MODELS = [
 ABLATION = [("prototype", "nothing (training-free)", 0, 0, "proto_svf"),
             ("proto_svf", "singular values (SVF), lr 0.01", 3, 2552, None),
             ("proto_bn", "BatchNorm affine, lr 0.01", 3, 30624, "proto_svf"),
+            ("proto_bn_lr0.1", "BatchNorm affine, lr 0.1", 3, 30624, "proto_svf"),
             ("proto_full", "every weight, lr 0.01", 3, 3196368, "proto_svf"),
             ("proto_full_lr0.001", "every weight, lr 0.001", 3, 3196368, "proto_svf"),
             ("proto_svf_10ep", "singular values (SVF), lr 0.01", 10, 2552, "proto_svf"),
