@@ -6,7 +6,7 @@ others: 1 shot (each photo as the support of each other one: 10 episodes) and, f
 2 shots (two photos as supports of the third: 3 episodes). Far too few episodes for a mean to mean
 much; it is a check that a model still segments everyday objects, run in seconds.
 
-    HF_HUB_OFFLINE=1 python benchmarks/examples_iou.py [--models A B ...] [--size 321] [--json OUT]
+    HF_HUB_OFFLINE=1 python benchmarks/examples_iou.py [--models NAME|FILE.safetensors ...] [--size 321] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from svf_model.checkpoint import load_checkpoint  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
 from svf_model.registry import list_models, load_model  # noqa: E402
 
@@ -58,8 +59,14 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def run(model_name: str, size: int | None) -> list[dict]:
-    model, entry = load_model(model_name)
-    predictor = Predictor(model, image_size=size or entry.image_size, device="cpu", model_name=entry.name)
+    """``model_name``: a registry name or a model file (``.safetensors``, e.g. a training run's)."""
+    if model_name.endswith(".safetensors"):
+        model, meta = load_checkpoint(model_name)
+        default_size, name = meta.get("image_size", 321), Path(model_name).name
+    else:
+        model, entry = load_model(model_name)
+        default_size, name = entry.image_size, entry.name
+    predictor = Predictor(model, image_size=size or default_size, device="cpu", model_name=name)
     rows = []
     for group, supports, query in episodes():
         pairs = [_pair(s) for s in supports]
@@ -72,7 +79,8 @@ def run(model_name: str, size: int | None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=None, help="registry names (default: every local model)")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="registry names or model files (default: every local registry model)")
     ap.add_argument("--size", type=int, default=None, help="letterbox size (default: each model's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

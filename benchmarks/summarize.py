@@ -50,6 +50,19 @@ ABLATION = [("prototype", "nothing (training-free)", 0, 0, "proto_svf"),
 SHIPPED = "dual"
 
 
+def _iou_difference(run: dict, ref: dict) -> np.ndarray | None:
+    """Per-episode IoU of ``run`` minus that of ``ref`` in points, or ``None`` when the two files do
+    not hold the same episodes (queries in the same order)."""
+    if [e["query"] for e in run["episodes"]] != [e["query"] for e in ref["episodes"]]:
+        return None
+    return np.array([a["iou"] - b["iou"] for a, b in zip(run["episodes"], ref["episodes"], strict=True)]) * 100
+
+
+def _classes_better(run: dict, ref: dict) -> str:
+    """``"k of n"``: classes whose IoU in ``run`` beats that in ``ref``."""
+    return f"{sum(run['per_class'][c] > v for c, v in ref['per_class'].items())} of {len(ref['per_class'])}"
+
+
 def accuracy_table() -> str:
     rows = ["| shots | episodes | model | mIoU | FB-IoU | paired change vs training-free (pts, mean +- s.e.) "
             "| classes improved |", "|---|---|---|---|---|---|---|"]
@@ -67,12 +80,10 @@ def accuracy_table() -> str:
                 continue
             paired = better = ""
             if key != "prototype":
-                same = [a["query"] for a in base["episodes"]] == [b["query"] for b in r["episodes"]]
-                d = np.array([b["iou"] - a["iou"] for a, b in zip(base["episodes"], r["episodes"], strict=True)]) * 100
-                paired = (f"{_mean_se(d)} ({(d > 0).sum()} better, "
-                          f"{(d < 0).sum()} worse)") if same else "episodes differ"
-                improved = sum(r["per_class"][c] > v for c, v in base["per_class"].items())
-                better = f"{improved} of {len(base['per_class'])}"
+                d = _iou_difference(r, base)
+                paired = "episodes differ" if d is None else (f"{_mean_se(d)} ({(d > 0).sum()} better, "
+                                                              f"{(d < 0).sum()} worse)")
+                better = _classes_better(r, base)
             miou, fb = f"{r['miou']:.1f}", f"{r['fbiou']:.1f}"
             if key == SHIPPED:
                 label, miou, fb = f"**{label} (shipped)**", f"**{miou}**", f"**{fb}**"
@@ -104,10 +115,8 @@ def everyday_table() -> str:
             if r is None:
                 continue
             ious = [r["per_class"][c] for c in classes]
-            paired = ""
-            if key != "prototype" and [e["query"] for e in r["episodes"]] == [e["query"] for e in base["episodes"]]:
-                d = np.array([b["iou"] - a["iou"] for a, b in zip(base["episodes"], r["episodes"], strict=True)])
-                paired = f"{_mean_se(100 * d[mine])} ({mine.sum()} episodes)"
+            d = _iou_difference(r, base) if key != "prototype" else None
+            paired = "" if d is None else f"{_mean_se(d[mine])} ({mine.sum()} episodes)"
             label = labels[key].split(":")[0] if key != SHIPPED else f"**{labels[key].split(':')[0]} (shipped)**"
             rows.append(f"| {shots} | {label} | " + " | ".join(f"{v:.1f}" for v in ious)
                         + f" | {np.mean(ious):.1f} | {paired} |")
@@ -126,7 +135,7 @@ def ablation_table() -> str:
     """Meta-training SVF against BatchNorm and full fine-tuning of the same stage (``ABLATION``),
     each paired per episode with the SVF run of its row on the same episodes."""
     labels = {key: f"{what}, {epochs} epochs" if epochs else what for key, what, epochs, _, _ in ABLATION}
-    short = {key: f"SVF, {epochs} epochs" for key, what, epochs, _, _ in ABLATION if what.startswith("singular")}
+    epochs_of = {key: epochs for key, _, epochs, _, _ in ABLATION}
     rows = ["| shots | layer4: what meta-trained | trained weights | final training loss | mIoU | FB-IoU | paired with "
             "| change (pts, mean +- s.e.) | classes better |", "|---|---|---|---|---|---|---|---|---|"]
     for shots in (1, 5):
@@ -137,12 +146,11 @@ def ablation_table() -> str:
                 continue
             paired = better = ""
             if ref is not None:
-                if [e["query"] for e in r["episodes"]] != [e["query"] for e in ref["episodes"]]:
+                d = _iou_difference(r, ref)
+                if d is None:
                     raise ValueError(f"eval_{key}_{shots}shot.json and eval_{ref_key}_{shots}shot.json differ")
-                d = np.array([b["iou"] - a["iou"] for a, b in zip(ref["episodes"], r["episodes"], strict=True)])
-                paired = _mean_se(100 * d)
-                better = f"{sum(r['per_class'][c] > v for c, v in ref['per_class'].items())} of {len(ref['per_class'])}"
-            with_ = short[ref_key] if ref is not None else ""
+                paired, better = _mean_se(d), _classes_better(r, ref)
+            with_ = f"SVF, {epochs_of[ref_key]} epochs" if ref is not None else ""
             rows.append(f"| {shots} | {labels[key]} | {count:,} | {_final_train_loss(key)} | {r['miou']:.1f} | "
                         f"{r['fbiou']:.1f} | {with_} | {paired} | {better} |")
     return "\n".join(rows)
@@ -160,10 +168,9 @@ def fallback_table() -> str:
             with_, without = _load(f"{prefix}dual_{shots}shot.json"), _load(f"{prefix}shipped_{shots}shot.json")
             if with_ is None or without is None:
                 continue
-            if [e["query"] for e in with_["episodes"]] != [e["query"] for e in without["episodes"]]:
+            d = _iou_difference(with_, without)
+            if d is None:
                 raise ValueError(f"{prefix}dual_{shots}shot.json and its pair hold different episodes")
-            pairs = zip(with_["episodes"], without["episodes"], strict=True)
-            d = np.array([a["iou"] - b["iou"] for a, b in pairs]) * 100
             taken = np.array([e.get("low_shot_values", False) for e in with_["episodes"]])
             where = f"{d[taken].mean():+.2f}" if taken.any() else ""
             rows.append(f"| {shots} | {seed} | {len(d)} | {100 * taken.mean():.1f}% | {without['miou']:.1f} -> "

@@ -69,10 +69,7 @@ class FeatureMemo:
     @staticmethod
     def _digest(x: torch.Tensor) -> tuple:
         """Identity of one input image ``x [3, H, W]``."""
-        host = x.detach().contiguous().cpu()
-        if host.dtype == torch.bfloat16:
-            host = host.view(torch.int16)
-        digest = hashlib.blake2b(host.numpy().tobytes(), digest_size=16).hexdigest()
+        digest = _bytes_digest(x)
         kind = x.device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         return digest, tuple(x.shape), x.dtype, str(x.device), autocast
@@ -84,11 +81,7 @@ class FeatureMemo:
         known = self._contents.get(id(t))
         if known is not None and known[0]() is t and known[1] == t._version:
             return (known[2],)
-        host = t.detach().contiguous().cpu()
-        if host.dtype == torch.bfloat16:
-            host = host.view(torch.int16)
-        digest = hashlib.blake2b(host.numpy().tobytes(), digest_size=16).hexdigest()
-        digest = f"{digest}:{tuple(t.shape)}:{t.dtype}:{t.device}"
+        digest = f"{_bytes_digest(t)}:{tuple(t.shape)}:{t.dtype}:{t.device}"
         if len(self._contents) > 1 << 14:  # forget tensors that no longer exist
             self._contents = {k: v for k, v in self._contents.items() if v[0]() is not None}
         self._contents[id(t)] = (weakref.ref(t), t._version, digest)
@@ -216,6 +209,14 @@ class FeatureMemo:
         feats = _run(units, cut, len(units), h, feats)
         feats.pop("__h__")
         return feats
+
+
+def _bytes_digest(t: torch.Tensor) -> str:
+    """Hex digest of a tensor's bytes (copied to the host)."""
+    host = t.detach().contiguous().cpu()
+    if host.dtype == torch.bfloat16:
+        host = host.view(torch.int16)
+    return hashlib.blake2b(host.numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _must_run(block: nn.Module) -> bool:

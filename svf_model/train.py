@@ -461,9 +461,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None) -> d
 
     train_source, val_source = build_sources(cfg)
     model = build_model(cfg).to(device)
-    params_backbone = svf_parameters(model.backbone) if cfg.trains_singular_values else []
     if cfg.tunes_weights:
         params_backbone = list(model.tuned_weights.tensors(model.backbone).values())
+    else:
+        params_backbone = svf_parameters(model.backbone) if cfg.trains_singular_values else []
     params_head = [p for p in model.head.parameters() if p.requires_grad]
     if not params_backbone and not params_head:
         raise ValueError(f"nothing to train: head {cfg.method!r} has no parameters and mode is {cfg.mode!r}")
