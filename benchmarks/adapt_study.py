@@ -1,7 +1,8 @@
 """Adaptation study: does SVF adaptation on the user's shots help, and does it beat the alternatives?
 
 On the same seeded episodes of held-out fss-dev classes (the seeded 20% hold-out of
-``svf_model.data.fss_folder.split_classes``, seed 0), for each variant it records the query IoU
+``svf_model.data.fss_folder.split_classes``, seed 0, or ``--classes``; the episodes are those of
+``python -m svf_model.evaluate`` with the same classes, shots and seed), for each variant it records the query IoU
 before and after adapting on the episode's supports:
 
 * ``svf``: singular values of the registry model's adapt modules (the method);
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memo-gb", type=float, default=3.0, help="feature memo budget (see svf_model.feature_memo)")
     ap.add_argument("--grouped", action="store_true",
                     help="also decompose the adapt modules' grouped/depthwise convs (their values train too)")
+    ap.add_argument("--classes", nargs="+", default=None,
+                    help="classes to sample episodes from (default: the held-out 20%% of the training split)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, entry = load_model(args.model, adapt_grouped=args.grouped or None)
     size = args.size or entry.image_size
-    _, held_out = split_classes(list_classes(args.data), 0.2, 0)
+    held_out = args.classes or split_classes(list_classes(args.data), 0.2, 0)[1]
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)
     variants = [parse_variant(v) for v in args.variants]
     predictor = Predictor(model, image_size=size, model_name=entry.name)
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     mask, reverted = adapt_other_target(model, predictor, config, ep.query)
                     after = iou(mask, ep.query_mask)
-                rows[name].append({"class": ep.class_name, "iou_before": before, "iou_after": after,
+                rows[name].append({"class": ep.class_name, "query": os.path.relpath(ep.query_path, args.data),
+                                   "iou_before": before, "iou_after": after,
                                    "reverted": reverted, "seconds": time.perf_counter() - t0})
             means = "  ".join(f"{n}: {np.mean([r['iou_after'] - r['iou_before'] for r in rows[n]]) * 100:+.2f}"
                               for n, _ in variants)

@@ -259,6 +259,40 @@ def adapted_evaluation_table() -> str:
     return "\n".join(rows)
 
 
+def _kind(name: str) -> str:
+    """The group a held-out class belongs to in ``adaptation_by_kind_table``."""
+    if name in EVERYDAY_KINDS:
+        return "everyday kinds (animals, vehicles, people)"
+    return "garments" if name.startswith("clothing_") else "street surfaces (fence, road)"
+
+
+DEFAULT_OPTIONS = {"loss=balanced", "one_shot=views"}  # --adapt-set items that restate today's defaults
+
+
+def adaptation_by_kind_table() -> str:
+    """``evaluate --adapt`` runs of the shipped model (and its 2+-shot computation) with the
+    defaults, their per-episode IoU change split by the kind of class (``_kind``), also averaged
+    class by class (the s.e. over classes: how much the mean depends on which classes were drawn)."""
+    rows = ["| run | model | shots | episodes (seed) | classes | change (pts, mean +- s.e.) | losing > 5 pts | "
+            "gaining > 5 pts | classes gaining on average | mean of the class means +- s.e. over classes |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in _adapt_runs().items():
+        model = r["config"]["model"]
+        defaults = set(_options(r)) <= DEFAULT_OPTIONS and "reverted" in r["episodes"][0]
+        if model not in ("refine-dual-svf-lite2", "refine-svf-lite2") or not defaults:
+            continue
+        change = _changes(r)
+        kinds = np.array([_kind(e["class"]) for e in r["episodes"]])
+        for kind in dict.fromkeys(sorted(kinds, key=lambda k: not k.startswith("everyday"))):
+            d = change[kinds == kind]
+            names = np.array([e["class"] for e in r["episodes"]])[kinds == kind]
+            per_class = np.array([d[names == c].mean() for c in dict.fromkeys(names)])
+            rows.append(f"| `{name}` | {model} | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {kind} "
+                        f"| {_mean_se(d)} | {100 * (d < -5).mean():.1f}% | {100 * (d > 5).mean():.1f}% "
+                        f"| {(per_class > 0).sum()} of {len(per_class)} | {_mean_se(per_class)} |")
+    return "\n".join(rows)
+
+
 def _study_variants(data: dict) -> dict[str, dict]:
     """The variants of an ``adapt_study`` file that measured what they say. Files written before
     ``comparison_targets_from_base`` existed ran a ``bn``/``full`` variant on the singular values the
@@ -303,6 +337,52 @@ def adaptation_table() -> str:
                         f"{v['mean_before']:.1f} | {v['mean_after']:.1f} | {v['mean_change']:+.2f} | "
                         f"{v['std_change']:.2f} | {v['se_change']:.2f} | {paired} | "
                         f"{100 * v['share_losing_5pts']:.0f}% | {undid} | {sec['median']:.1f} | {sec['p90']:.1f} |")
+    return "\n".join(rows)
+
+
+def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
+    """Whether an ``adapt_study`` variant ran the first episodes of an ``evaluate --adapt`` run:
+    same model, shots, seed and classes, and per episode the same class, query (when recorded) and
+    IoU before adapting."""
+    config = run["config"]
+    if (config["model"], config["shots"], config["seed"], config["classes"]) != (
+            study["model"], study["shots"], study["seed"], study["held_out"]):
+        return False
+    pairs = list(zip(variant["episodes"], run["episodes"], strict=False))
+    return len(pairs) == len(variant["episodes"]) and all(
+        a["class"] == b["class"] and a.get("query", b["query"]) == b["query"]
+        and abs(a["iou_before"] - b["iou_before"]) < 1e-9 for a, b in pairs)
+
+
+def study_against_evaluate_table() -> str:
+    """The ``bn``/``full`` variants of ``adapt_study`` files run on the episodes of an ``evaluate
+    --adapt`` run with the defaults (SVF), paired episode by episode (checked by
+    :func:`_same_episodes`): the SVF run does not have to be repeated inside the study."""
+    rows = ["| shots | model | variant | episodes (seed) | SVF change (pts, mean +- s.e.) | variant change | "
+            "variant minus SVF, paired | losing > 5 pts: SVF / variant | classes where the variant gains more | "
+            "median s: SVF (whole run) / variant |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    runs = {n: r for n, r in _adapt_runs().items() if set(_options(r)) <= DEFAULT_OPTIONS}
+    for path in sorted(RESULTS.glob("adapt_study_*.json")):
+        study = json.loads(path.read_text())
+        if "held_out" not in study or not study.get("comparison_targets_from_base"):
+            continue
+        for variant, v in study["variants"].items():
+            if v["config"]["target"] == "svf":
+                continue
+            for run in runs.values():
+                if not _same_episodes(study, v, run):
+                    continue
+                n = len(v["episodes"])
+                svf, other = _changes(run)[:n], _changes(v)
+                names = np.array([e["class"] for e in v["episodes"]])
+                classes = list(dict.fromkeys(names))
+                wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
+                rows.append(f"| {study['shots']} | {study['model']} | `{variant}` | {n} ({study['seed']}) | "
+                            f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
+                            f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
+                            f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
+                            f"{v['seconds']['median']:.1f} |")
     return "\n".join(rows)
 
 
@@ -436,6 +516,10 @@ if __name__ == "__main__":
     print(fallback_table())
     print("\n### Adaptation with the defaults\n")
     print(adapted_evaluation_table())
+    print("\n### Adaptation by kind of class\n")
+    print(adaptation_by_kind_table())
+    print("\n### SVF adaptation against BatchNorm / full fine-tuning on an evaluate run's episodes\n")
+    print(study_against_evaluate_table())
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")
