@@ -355,10 +355,11 @@ def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
 
 
 def study_against_evaluate_table() -> str:
-    """The ``bn``/``full`` variants of ``adapt_study`` files run on the episodes of an ``evaluate
-    --adapt`` run with the defaults (SVF), paired episode by episode (checked by
-    :func:`_same_episodes`): the SVF run does not have to be repeated inside the study."""
-    rows = ["| shots | model | variant | episodes (seed) | SVF change (pts, mean +- s.e.) | variant change | "
+    """The variants of ``adapt_study`` files (``bn``, ``full``, SVF with other settings) run on the
+    episodes of an ``evaluate --adapt`` run with the defaults (SVF), paired episode by episode
+    (checked by :func:`_same_episodes`): the default SVF run does not have to be repeated inside the
+    study."""
+    rows = ["| model | shots | variant | episodes (seed) | SVF change (pts, mean +- s.e.) | variant change | "
             "variant minus SVF, paired | losing > 5 pts: SVF / variant | classes where the variant gains more | "
             "median s: SVF (whole run) / variant |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -368,17 +369,17 @@ def study_against_evaluate_table() -> str:
         if "held_out" not in study or not study.get("comparison_targets_from_base"):
             continue
         for variant, v in study["variants"].items():
-            if v["config"]["target"] == "svf":
-                continue
             for run in runs.values():
                 if not _same_episodes(study, v, run):
                     continue
                 n = len(v["episodes"])
                 svf, other = _changes(run)[:n], _changes(v)
+                if not (other - svf).any():  # the defaults again
+                    continue
                 names = np.array([e["class"] for e in v["episodes"]])
                 classes = list(dict.fromkeys(names))
                 wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
-                rows.append(f"| {study['shots']} | {study['model']} | `{variant}` | {n} ({study['seed']}) | "
+                rows.append(f"| {study['model']} | {study['shots']} | `{variant}` | {n} ({study['seed']}) | "
                             f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
                             f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
                             f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
@@ -518,7 +519,7 @@ if __name__ == "__main__":
     print(adapted_evaluation_table())
     print("\n### Adaptation by kind of class\n")
     print(adaptation_by_kind_table())
-    print("\n### SVF adaptation against BatchNorm / full fine-tuning on an evaluate run's episodes\n")
+    print("\n### Study variants against the default SVF adaptation on an evaluate run's episodes\n")
     print(study_against_evaluate_table())
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
