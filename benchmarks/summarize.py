@@ -282,10 +282,10 @@ def adaptation_by_kind_table() -> str:
         if model not in ("refine-dual-svf-lite2", "refine-svf-lite2") or not defaults:
             continue
         change = _changes(r)
-        kinds = np.array([_kind(e["class"]) for e in r["episodes"]])
+        classes = np.array([e["class"] for e in r["episodes"]])
+        kinds = np.array([_kind(c) for c in classes])
         for kind in dict.fromkeys(sorted(kinds, key=lambda k: not k.startswith("everyday"))):
-            d = change[kinds == kind]
-            names = np.array([e["class"] for e in r["episodes"]])[kinds == kind]
+            d, names = change[kinds == kind], classes[kinds == kind]
             per_class = np.array([d[names == c].mean() for c in dict.fromkeys(names)])
             rows.append(f"| `{name}` | {model} | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {kind} "
                         f"| {_mean_se(d)} | {100 * (d < -5).mean():.1f}% | {100 * (d > 5).mean():.1f}% "
@@ -384,6 +384,37 @@ def study_against_evaluate_table() -> str:
                             f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
                             f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
                             f"{v['seconds']['median']:.1f} |")
+    return "\n".join(rows)
+
+
+def per_class_table(name: str) -> str:
+    """Mean IoU change per class and per kind (``_kind``) of one ``eval_adapt_*.json`` run, or of an
+    ``adapt_study_*.json`` file's variants next to the default SVF of the evaluate run whose episodes
+    they share (:func:`_same_episodes`), with the variant minus SVF paired."""
+    data = json.loads((RESULTS / name).read_text())
+    columns: dict[str, np.ndarray] = {}
+    if "variants" in data:
+        for variant, v in data["variants"].items():
+            run = next((r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS
+                        and _same_episodes(data, v, r)), None)
+            change = _changes(v)
+            svf = None if run is None else _changes(run)[:len(change)]
+            if svf is not None:
+                columns["SVF (evaluate run)"] = svf
+            columns[variant] = change
+            if svf is not None:
+                columns[f"{variant} minus SVF"] = change - svf
+        episodes = next(iter(data["variants"].values()))["episodes"]
+    else:
+        columns["change"], episodes = _changes(data), data["episodes"]
+    classes = np.array([e["class"] for e in episodes])
+    groups = [(c, classes == c) for c in dict.fromkeys(classes)]
+    groups += [(k, np.array([_kind(c) == k for c in classes])) for k in dict.fromkeys(_kind(c) for c in classes)]
+    rows = ["| class or kind | episodes | " + " | ".join(f"{c} (pts, mean +- s.e.)" for c in columns) + " |",
+            "|---|---|" + "---|" * len(columns)]
+    for label, mask in groups:
+        cells = [_mean_se(v[mask]) if mask.sum() > 1 else f"{v[mask].mean():+.2f}" for v in columns.values()]
+        rows.append(f"| {label} | {mask.sum()} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -506,7 +537,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--min-episodes", type=int, default=100,
                     help="fewest common episodes for a pair in the paired-runs table")
+    ap.add_argument("--per-class", nargs="+", metavar="FILE", default=None,
+                    help="only print the per-class and per-kind changes of these results/ files")
     args = ap.parse_args()
+    if args.per_class:
+        for name in args.per_class:
+            print(f"### {name}\n\n{per_class_table(name)}\n")
+        raise SystemExit(0)
     print("### Accuracy\n")
     print(accuracy_table())
     print("\n### Meta-training SVF against BatchNorm and full fine-tuning\n")
