@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from svf_model.adapt import AdaptConfig, adapt_svf, adapted_layers, parse_config_options  # noqa: E402
+from svf_model.checkpoint import load_checkpoint  # noqa: E402
 from svf_model.data.episodes import make_episodes  # noqa: E402
 from svf_model.data.fss_folder import FSSFolder, list_classes, split_classes  # noqa: E402
 from svf_model.imageio import load_image  # noqa: E402
@@ -94,7 +95,12 @@ def adapt_other_target(model, predictor: Predictor, config: AdaptConfig, query) 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--model", default=None, help="registry model (default: the registry default)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="registry model (default: the registry default)")
+    which.add_argument("--checkpoint", default=None,
+                       help="a model file (svf_model.train or svf_model.compose) instead of a registry model")
+    ap.add_argument("--adapt-modules", nargs="+", default=["layer4.1"],
+                    help="with --checkpoint: the backbone modules that adapt (a registry model lists its own)")
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -111,12 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, entry = load_model(args.model, adapt_grouped=args.grouped or None)
-    size = args.size or entry.image_size
+    if args.checkpoint:
+        if args.grouped:
+            ap.error("--grouped needs a registry model (--model)")
+        model, meta = load_checkpoint(args.checkpoint)
+        model.adapt_modules = list(args.adapt_modules)
+        model_name, size = Path(args.checkpoint).name, args.size or int(meta.get("image_size") or 321)
+    else:
+        model, entry = load_model(args.model, adapt_grouped=args.grouped or None)
+        model_name, size = entry.name, args.size or entry.image_size
     held_out = args.classes or split_classes(list_classes(args.data), 0.2, 0)[1]
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)
     variants = [parse_variant(v) for v in args.variants]
-    predictor = Predictor(model, image_size=size, model_name=entry.name)
+    predictor = Predictor(model, image_size=size, model_name=model_name)
     rows: dict[str, list[dict]] = {name: [] for name, _ in variants}
     start = time.perf_counter()
     # one model for every variant; the memo re-uses the frozen blocks' features of images seen before
@@ -143,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(episodes)}] {time.perf_counter() - start:.0f}s  {means}", file=sys.stderr,
                   flush=True)
             if args.json:  # after every episode, so an interrupted study keeps what it measured
-                write_json(args.json, summarize(variants, rows), args, i + 1, entry.name, size, held_out)
+                write_json(args.json, summarize(variants, rows), args, i + 1, model_name, size, held_out)
 
     summary = summarize(variants, rows)
     print(f"\n{args.shots}-shot, {len(episodes)} episodes of {len(held_out)} held-out classes, model "
-          f"{entry.name}, size {size}\n")
+          f"{model_name}, size {size}\n")
     print("| variant | mean IoU before | mean IoU after | change (pts) | std | s.e. | episodes losing >5 pts "
           "| median s | p90 s |\n|---|---|---|---|---|---|---|---|---|")
     for name, _ in variants:
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['std_change']:.2f} | {s['se_change']:.2f} | {100 * s['share_losing_5pts']:.1f}% | "
               f"{s['seconds']['median']:.1f} | {s['seconds']['p90']:.1f} |")
     if args.json:
-        write_json(args.json, summary, args, len(episodes), entry.name, size, held_out)
+        write_json(args.json, summary, args, len(episodes), model_name, size, held_out)
     return 0
 
 

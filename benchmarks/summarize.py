@@ -123,6 +123,73 @@ def everyday_table() -> str:
     return "\n".join(rows)
 
 
+# The far-transfer split (configs/far_lite2_*.yaml): trained on the clothing_* and street_* classes only,
+# evaluated on the 19 animal, vehicle and person-in-action classes (benchmarks/results/far_{key}_{shots}shot.json).
+FAR_KINDS = {"horse": "animal", "video_blackswan": "animal", "video_camel": "animal", "video_cows": "animal",
+             "video_dog": "animal", "video_goat": "animal", "video_horsejump-high": "animal",
+             "video_libby": "animal", "video_bmx-trees": "vehicle", "video_car-roundabout": "vehicle",
+             "video_drift-chicane": "vehicle", "video_drift-straight": "vehicle", "video_scooter-black": "vehicle",
+             "video_soapbox": "vehicle", "video_breakdance": "person", "video_dance-twirl": "person",
+             "video_kite-surf": "person", "video_paragliding-launch": "person", "video_parkour": "person"}
+FAR_MODELS = [("prototype", "prototypes, frozen backbone (training-free)"),
+              ("prototype_svf", "prototypes + SVF layer4 (the recipe of `prototype-svf-lite2`)"),
+              ("refine_frozen", "learned head, frozen backbone"),
+              ("refine_svf", "learned head + SVF layer4, without the fallback (`refine-svf-lite2`'s recipe)"),
+              ("dual_svf", "the shipped model's recipe (`refine-dual-svf-lite2`: learned head from 2 shots, "
+                           "prototype-trained values for 1 shot and the 2-shot fallback)")]
+
+
+def far_transfer_table() -> str:
+    """mIoU, FB-IoU, the per-episode change over the training-free prototypes and the mean class IoU by
+    kind (``FAR_KINDS``) of the far-transfer models on their 19 held-out classes."""
+    kinds = {"animal": "animals", "vehicle": "vehicles", "person": "people"}
+    rows = ["| shots | episodes | model (trained on clothing + street only) | mIoU | FB-IoU | paired change vs "
+            "training-free (pts, mean +- s.e.) | classes improved | "
+            + " | ".join(f"{name} ({list(FAR_KINDS.values()).count(k)} classes)" for k, name in kinds.items()) + " |",
+            "|---|---|---|---|---|---|---|" + "---|" * len(kinds)]
+    for shots in (1, 2, 5):
+        base = _load(f"far_prototype_{shots}shot.json")
+        if base is None:
+            continue
+        for key, label in FAR_MODELS:
+            r = _load(f"far_{key}_{shots}shot.json")
+            if r is None:
+                continue
+            paired = better = ""
+            if key != "prototype":
+                d = _iou_difference(r, base)
+                paired = "episodes differ" if d is None else (f"{_mean_se(d)} ({(d > 0).sum()} better, "
+                                                              f"{(d < 0).sum()} worse)")
+                better = _classes_better(r, base)
+            by_kind = [np.mean([v for c, v in r["per_class"].items() if FAR_KINDS[c] == k]) for k in kinds]
+            rows.append(f"| {shots} | {len(r['episodes'])} | {label} | {r['miou']:.1f} | {r['fbiou']:.1f} | {paired} "
+                        f"| {better} | " + " | ".join(f"{v:.1f}" for v in by_kind) + " |")
+    return "\n".join(rows)
+
+
+def far_adaptation_table() -> str:
+    """``evaluate --adapt`` runs of the far-transfer split's shipped-recipe model on its 19 held-out
+    classes (``far_adapt_*.json``): the per-episode change, overall and by kind (``FAR_KINDS``)."""
+    kinds = {"animal": "animals", "vehicle": "vehicles", "person": "people"}
+    rows = ["| shots | episodes (seed) | mIoU before -> after | change (pts, mean +- s.e.) | losing > 5 pts | "
+            "gaining > 5 pts | gate undid | classes gaining on average | "
+            + " | ".join(kinds.values()) + " | adaptation s (median / p90) |",
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+    for name in sorted(RESULTS.glob("far_adapt_*.json")):
+        r = json.loads(name.read_text())
+        d = _changes(r)
+        classes = np.array([e["class"] for e in r["episodes"]])
+        per_class = np.array([d[classes == c].mean() for c in dict.fromkeys(classes)])
+        by_kind = [_mean_se(d[np.array([FAR_KINDS[c] == k for c in classes])]) for k in kinds]
+        undone = np.mean([e["reverted"] for e in r["episodes"]])
+        sec = r["adapt_seconds"]
+        rows.append(f"| {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {r['miou_before']:.1f} -> "
+                    f"{r['miou']:.1f} | {_mean_se(d)} | {100 * (d < -5).mean():.1f}% | {100 * (d > 5).mean():.1f}% "
+                    f"| {100 * undone:.0f}% | {(per_class > 0).sum()} of {len(per_class)} | " + " | ".join(by_kind)
+                    + f" | {sec['median']:.1f} / {sec['p90']:.1f} |")
+    return "\n".join(rows)
+
+
 def _final_train_loss(key: str) -> str:
     """Mean training loss of the last epoch, from the run's log.csv kept in ``results/train_logs/``."""
     path = RESULTS / "train_logs" / f"{key}.csv"
@@ -345,7 +412,8 @@ def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
     same model, shots, seed and classes, and per episode the same class, query (when recorded) and
     IoU before adapting."""
     config = run["config"]
-    if (config["model"], config["shots"], config["seed"], config["classes"]) != (
+    model = config["model"] or Path(config["checkpoint"]).name
+    if (model, config["shots"], config["seed"], config["classes"]) != (
             study["model"], study["shots"], study["seed"], study["held_out"]):
         return False
     pairs = list(zip(variant["episodes"], run["episodes"], strict=False))
@@ -364,6 +432,7 @@ def study_against_evaluate_table() -> str:
             "median s: SVF (whole run) / variant |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     runs = {n: r for n, r in _adapt_runs().items() if set(_options(r)) <= DEFAULT_OPTIONS}
+    runs |= {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("far_adapt_*.json"))}
     for path in sorted(RESULTS.glob("adapt_study_*.json")):
         study = json.loads(path.read_text())
         if "held_out" not in study or not study.get("comparison_targets_from_base"):
@@ -550,6 +619,10 @@ if __name__ == "__main__":
     print(ablation_table())
     print("\n### Held-out classes of everyday kinds\n")
     print(everyday_table())
+    print("\n### Far transfer: trained on clothing and street scenes, tested on animals, vehicles and people\n")
+    print(far_transfer_table())
+    print("\n### Adaptation on the far-transfer classes\n")
+    print(far_adaptation_table())
     print("\n### The low-shot fallback\n")
     print(fallback_table())
     print("\n### Adaptation with the defaults\n")

@@ -47,6 +47,19 @@ def test_every_config_parses_and_bad_keys_fail():
                                "svf_stages": ["layer3", "layer4"]})
 
 
+def test_far_transfer_split_trains_on_clothing_and_street_and_holds_out_every_other_class(fss_dev):
+    """The far-transfer configs (README, "Far transfer") keep every animal, vehicle and person-in-action
+    class out of training, and the three recipes share one split."""
+    splits = set()
+    for path in sorted((REPO / "configs").glob("far_*.yaml")):
+        train_src, val_src = build_sources(TrainConfig.from_yaml(path, [f"data_root={fss_dev}"]))
+        assert all(c.startswith(("clothing_", "street_")) for c in train_src.classes), path.name
+        assert "horse" in val_src.classes and all(c == "horse" or c.startswith("video_") for c in val_src.classes)
+        assert len(train_src.classes) + len(val_src.classes) == len([d for d in fss_dev.iterdir() if d.is_dir()])
+        splits.add((tuple(train_src.classes), tuple(val_src.classes)))
+    assert len(splits) == 1
+
+
 def test_repeated_set_options_all_apply():
     from svf_model.train import parse_args
 
