@@ -131,6 +131,7 @@ FAR_KINDS = {"horse": "animal", "video_blackswan": "animal", "video_camel": "ani
              "video_drift-chicane": "vehicle", "video_drift-straight": "vehicle", "video_scooter-black": "vehicle",
              "video_soapbox": "vehicle", "video_breakdance": "person", "video_dance-twirl": "person",
              "video_kite-surf": "person", "video_paragliding-launch": "person", "video_parkour": "person"}
+FAR_KIND_NAMES = {"animal": "animals", "vehicle": "vehicles", "person": "people"}
 FAR_MODELS = [("prototype", "prototypes, frozen backbone (training-free)"),
               ("prototype_svf", "prototypes + SVF layer4 (the recipe of `prototype-svf-lite2`)"),
               ("refine_frozen", "learned head, frozen backbone"),
@@ -142,7 +143,7 @@ FAR_MODELS = [("prototype", "prototypes, frozen backbone (training-free)"),
 def far_transfer_table() -> str:
     """mIoU, FB-IoU, the per-episode change over the training-free prototypes and the mean class IoU by
     kind (``FAR_KINDS``) of the far-transfer models on their 19 held-out classes."""
-    kinds = {"animal": "animals", "vehicle": "vehicles", "person": "people"}
+    kinds = FAR_KIND_NAMES
     rows = ["| shots | episodes | model (trained on clothing + street only) | mIoU | FB-IoU | paired change vs "
             "training-free (pts, mean +- s.e.) | classes improved | "
             + " | ".join(f"{name} ({list(FAR_KINDS.values()).count(k)} classes)" for k, name in kinds.items()) + " |",
@@ -170,7 +171,7 @@ def far_transfer_table() -> str:
 def far_adaptation_table() -> str:
     """``evaluate --adapt`` runs of the far-transfer split's shipped-recipe model on its 19 held-out
     classes (``far_adapt_*.json``): the per-episode change, overall and by kind (``FAR_KINDS``)."""
-    kinds = {"animal": "animals", "vehicle": "vehicles", "person": "people"}
+    kinds = FAR_KIND_NAMES
     rows = ["| shots | episodes (seed) | mIoU before -> after | change (pts, mean +- s.e.) | losing > 5 pts | "
             "gaining > 5 pts | gate undid | classes gaining on average | "
             + " | ".join(kinds.values()) + " | adaptation s (median / p90) |",
@@ -254,6 +255,11 @@ def _mean_se(x: np.ndarray) -> str:
 def _adapt_runs() -> dict[str, dict]:
     """``{file name: run}`` of every ``evaluate --adapt`` result, sorted by name."""
     return {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("eval_adapt_*.json"))}
+
+
+def _far_adapt_runs() -> list[dict]:
+    """Every ``evaluate --adapt`` run on the far-transfer classes (``far_adapt_*.json``), sorted by name."""
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("far_adapt_*.json"))]
 
 
 def _changes(run: dict) -> np.ndarray:
@@ -432,7 +438,7 @@ def study_against_evaluate_table() -> str:
             "median s: SVF (whole run) / variant |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     runs = {n: r for n, r in _adapt_runs().items() if set(_options(r)) <= DEFAULT_OPTIONS}
-    runs |= {p.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("far_adapt_*.json"))}
+    runs |= {f"far{i}": r for i, r in enumerate(_far_adapt_runs())}
     for path in sorted(RESULTS.glob("adapt_study_*.json")):
         study = json.loads(path.read_text())
         if "held_out" not in study or not study.get("comparison_targets_from_base"):
@@ -464,8 +470,8 @@ def per_class_table(name: str) -> str:
     columns: dict[str, np.ndarray] = {}
     if "variants" in data:
         for variant, v in data["variants"].items():
-            run = next((r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS
-                        and _same_episodes(data, v, r)), None)
+            runs = [r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS] + _far_adapt_runs()
+            run = next((r for r in runs if _same_episodes(data, v, r)), None)
             change = _changes(v)
             svf = None if run is None else _changes(run)[:len(change)]
             if svf is not None:
@@ -478,7 +484,8 @@ def per_class_table(name: str) -> str:
         columns["change"], episodes = _changes(data), data["episodes"]
     classes = np.array([e["class"] for e in episodes])
     groups = [(c, classes == c) for c in dict.fromkeys(classes)]
-    groups += [(k, np.array([_kind(c) == k for c in classes])) for k in dict.fromkeys(_kind(c) for c in classes)]
+    kind = (lambda c: FAR_KIND_NAMES[FAR_KINDS[c]]) if set(classes) == set(FAR_KINDS) else _kind
+    groups += [(k, np.array([kind(c) == k for c in classes])) for k in dict.fromkeys(kind(c) for c in classes)]
     rows = ["| class or kind | episodes | " + " | ".join(f"{c} (pts, mean +- s.e.)" for c in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
     for label, mask in groups:
