@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/far_transfer.sh [--adapt]      # from the repository root; DATA=... to move fss-dev
 #
-# About 25 minutes of training and 40 of evaluation on a 2-core CPU (each adapted run: about 50 more).
+# About 20 minutes of training and 46 of evaluation on a 2-core CPU, measured with two runs at a time
+# (each adapted run: about 50 more).
 # Tables: python benchmarks/summarize.py ("Far transfer", "Adaptation on the far-transfer classes").
 set -euo pipefail
 DATA=${DATA:-../shared/data/fss-dev}

@@ -63,6 +63,14 @@ def _classes_better(run: dict, ref: dict) -> str:
     return f"{sum(run['per_class'][c] > v for c, v in ref['per_class'].items())} of {len(ref['per_class'])}"
 
 
+def _paired_cells(run: dict, base: dict) -> tuple[str, str]:
+    """The accuracy tables' comparison cells of ``run`` against the training-free ``base`` on the same
+    episodes: the per-episode change with the counts of better and worse episodes, and the classes improved."""
+    d = _iou_difference(run, base)
+    paired = "episodes differ" if d is None else f"{_mean_se(d)} ({(d > 0).sum()} better, {(d < 0).sum()} worse)"
+    return paired, _classes_better(run, base)
+
+
 def accuracy_table() -> str:
     rows = ["| shots | episodes | model | mIoU | FB-IoU | paired change vs training-free (pts, mean +- s.e.) "
             "| classes improved |", "|---|---|---|---|---|---|---|"]
@@ -78,12 +86,7 @@ def accuracy_table() -> str:
             r = _load(f"eval_{key}_{shots}shot.json")
             if r is None:
                 continue
-            paired = better = ""
-            if key != "prototype":
-                d = _iou_difference(r, base)
-                paired = "episodes differ" if d is None else (f"{_mean_se(d)} ({(d > 0).sum()} better, "
-                                                              f"{(d < 0).sum()} worse)")
-                better = _classes_better(r, base)
+            paired, better = ("", "") if key == "prototype" else _paired_cells(r, base)
             miou, fb = f"{r['miou']:.1f}", f"{r['fbiou']:.1f}"
             if key == SHIPPED:
                 label, miou, fb = f"**{label} (shipped)**", f"**{miou}**", f"**{fb}**"
@@ -156,12 +159,7 @@ def far_transfer_table() -> str:
             r = _load(f"far_{key}_{shots}shot.json")
             if r is None:
                 continue
-            paired = better = ""
-            if key != "prototype":
-                d = _iou_difference(r, base)
-                paired = "episodes differ" if d is None else (f"{_mean_se(d)} ({(d > 0).sum()} better, "
-                                                              f"{(d < 0).sum()} worse)")
-                better = _classes_better(r, base)
+            paired, better = ("", "") if key == "prototype" else _paired_cells(r, base)
             by_kind = [np.mean([v for c, v in r["per_class"].items() if FAR_KINDS[c] == k]) for k in kinds]
             rows.append(f"| {shots} | {len(r['episodes'])} | {label} | {r['miou']:.1f} | {r['fbiou']:.1f} | {paired} "
                         f"| {better} | " + " | ".join(f"{v:.1f}" for v in by_kind) + " |")
@@ -469,8 +467,8 @@ def per_class_table(name: str) -> str:
     data = json.loads((RESULTS / name).read_text())
     columns: dict[str, np.ndarray] = {}
     if "variants" in data:
+        runs = [r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS] + _far_adapt_runs()
         for variant, v in data["variants"].items():
-            runs = [r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS] + _far_adapt_runs()
             run = next((r for r in runs if _same_episodes(data, v, r)), None)
             change = _changes(v)
             svf = None if run is None else _changes(run)[:len(change)]
