@@ -174,8 +174,7 @@ def far_adaptation_table() -> str:
             "gaining > 5 pts | gate undid | classes gaining on average | "
             + " | ".join(kinds.values()) + " | adaptation s (median / p90) |",
             "|---|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
-    for name in sorted(RESULTS.glob("far_adapt_*.json")):
-        r = json.loads(name.read_text())
+    for r in _far_adapt_runs():
         d = _changes(r)
         classes = np.array([e["class"] for e in r["episodes"]])
         per_class = np.array([d[classes == c].mean() for c in dict.fromkeys(classes)])
@@ -258,6 +257,12 @@ def _adapt_runs() -> dict[str, dict]:
 def _far_adapt_runs() -> list[dict]:
     """Every ``evaluate --adapt`` run on the far-transfer classes (``far_adapt_*.json``), sorted by name."""
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("far_adapt_*.json"))]
+
+
+def _runs_with_default_svf() -> list[dict]:
+    """The ``evaluate --adapt`` runs with the default SVF adaptation (``eval_adapt_*.json`` whose options
+    restate the defaults, then ``far_adapt_*.json``): what the study variants are paired with."""
+    return [r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS] + _far_adapt_runs()
 
 
 def _changes(run: dict) -> np.ndarray:
@@ -435,14 +440,13 @@ def study_against_evaluate_table() -> str:
             "variant minus SVF, paired | losing > 5 pts: SVF / variant | classes where the variant gains more | "
             "median s: SVF (whole run) / variant |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    runs = {n: r for n, r in _adapt_runs().items() if set(_options(r)) <= DEFAULT_OPTIONS}
-    runs |= {f"far{i}": r for i, r in enumerate(_far_adapt_runs())}
+    runs = _runs_with_default_svf()
     for path in sorted(RESULTS.glob("adapt_study_*.json")):
         study = json.loads(path.read_text())
         if "held_out" not in study or not study.get("comparison_targets_from_base"):
             continue
         for variant, v in study["variants"].items():
-            for run in runs.values():
+            for run in runs:
                 if not _same_episodes(study, v, run):
                     continue
                 n = len(v["episodes"])
@@ -467,7 +471,7 @@ def per_class_table(name: str) -> str:
     data = json.loads((RESULTS / name).read_text())
     columns: dict[str, np.ndarray] = {}
     if "variants" in data:
-        runs = [r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS] + _far_adapt_runs()
+        runs = _runs_with_default_svf()
         for variant, v in data["variants"].items():
             run = next((r for r in runs if _same_episodes(data, v, r)), None)
             change = _changes(v)
@@ -482,7 +486,7 @@ def per_class_table(name: str) -> str:
         columns["change"], episodes = _changes(data), data["episodes"]
     classes = np.array([e["class"] for e in episodes])
     groups = [(c, classes == c) for c in dict.fromkeys(classes)]
-    kind = (lambda c: FAR_KIND_NAMES[FAR_KINDS[c]]) if set(classes) == set(FAR_KINDS) else _kind
+    kind = (lambda c: FAR_KIND_NAMES[FAR_KINDS[c]]) if set(classes) <= set(FAR_KINDS) else _kind
     groups += [(k, np.array([kind(c) == k for c in classes])) for k in dict.fromkeys(kind(c) for c in classes)]
     rows = ["| class or kind | episodes | " + " | ".join(f"{c} (pts, mean +- s.e.)" for c in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
@@ -607,13 +611,26 @@ def gate_margin_table() -> str:
     return "\n".join(rows)
 
 
+def pooled_change(names: list[str]) -> str:
+    """The per-episode IoU change of several ``evaluate --adapt`` runs (results/ file names) taken
+    together: episodes, mean +- s.e. and the share losing more than 5 points."""
+    d = np.concatenate([_changes(json.loads((RESULTS / n).read_text())) for n in names])
+    return (f"{' + '.join(names)}: {len(d)} episodes, change {_mean_se(d)} pts, "
+            f"{100 * (d < -5).mean():.1f}% losing > 5 pts")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--min-episodes", type=int, default=100,
                     help="fewest common episodes for a pair in the paired-runs table")
     ap.add_argument("--per-class", nargs="+", metavar="FILE", default=None,
                     help="only print the per-class and per-kind changes of these results/ files")
+    ap.add_argument("--pool", nargs="+", metavar="FILE", default=None,
+                    help="only print the IoU change of these evaluate --adapt runs taken together")
     args = ap.parse_args()
+    if args.pool:
+        print(pooled_change(args.pool))
+        raise SystemExit(0)
     if args.per_class:
         for name in args.per_class:
             print(f"### {name}\n\n{per_class_table(name)}\n")
