@@ -431,15 +431,11 @@ def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
         and abs(a["iou_before"] - b["iou_before"]) < 1e-9 for a, b in pairs)
 
 
-def study_against_evaluate_table() -> str:
-    """The variants of ``adapt_study`` files (``bn``, ``full``, SVF with other settings) run on the
-    episodes of an ``evaluate --adapt`` run with the defaults (SVF), paired episode by episode
-    (checked by :func:`_same_episodes`): the default SVF run does not have to be repeated inside the
-    study."""
-    rows = ["| model | shots | variant | episodes (seed) | SVF change (pts, mean +- s.e.) | variant change | "
-            "variant minus SVF, paired | losing > 5 pts: SVF / variant | classes where the variant gains more | "
-            "median s: SVF (whole run) / variant |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+def _study_pairs():
+    """``(study, variant name, variant, run, SVF change, variant change)`` for every variant of an
+    ``adapt_study`` file run on the first episodes of an ``evaluate --adapt`` run with the defaults
+    (checked by :func:`_same_episodes`; changes per episode, in points), leaving out variants that
+    are the defaults again."""
     runs = _runs_with_default_svf()
     for path in sorted(RESULTS.glob("adapt_study_*.json")):
         study = json.loads(path.read_text())
@@ -451,16 +447,48 @@ def study_against_evaluate_table() -> str:
                     continue
                 n = len(v["episodes"])
                 svf, other = _changes(run)[:n], _changes(v)
-                if not (other - svf).any():  # the defaults again
-                    continue
-                names = np.array([e["class"] for e in v["episodes"]])
-                classes = list(dict.fromkeys(names))
-                wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
-                rows.append(f"| {study['model']} | {study['shots']} | `{variant}` | {n} ({study['seed']}) | "
-                            f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
-                            f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
-                            f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
-                            f"{v['seconds']['median']:.1f} |")
+                if (other - svf).any():
+                    yield study, variant, v, run, svf, other
+
+
+def study_against_evaluate_table() -> str:
+    """The variants of ``adapt_study`` files (``bn``, ``full``, SVF with other settings) run on the
+    episodes of an ``evaluate --adapt`` run with the defaults (SVF), paired episode by episode
+    (:func:`_study_pairs`): the default SVF run does not have to be repeated inside the study."""
+    rows = ["| model | shots | variant | episodes (seed) | SVF change (pts, mean +- s.e.) | variant change | "
+            "variant minus SVF, paired | losing > 5 pts: SVF / variant | classes where the variant gains more | "
+            "median s: SVF (whole run) / variant |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for study, variant, v, run, svf, other in _study_pairs():
+        names = np.array([e["class"] for e in v["episodes"]])
+        classes = list(dict.fromkeys(names))
+        wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
+        rows.append(f"| {study['model']} | {study['shots']} | `{variant}` | {len(svf)} ({study['seed']}) | "
+                    f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
+                    f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
+                    f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
+                    f"{v['seconds']['median']:.1f} |")
+    return "\n".join(rows)
+
+
+def pooled_full_against_svf(variant: str = "full:lr=0.001") -> str:
+    """Full fine-tuning against the default SVF adaptation, every paired study of :func:`_study_pairs`
+    taken together per shot count (each episode once)."""
+    rows = ["| shots | runs (model, seed) | episodes | SVF change (pts, mean +- s.e.) | full change | "
+            "full minus SVF, paired | losing > 5 pts: SVF / full |",
+            "|---|---|---|---|---|---|---|"]
+    pooled: dict[int, list] = {}
+    seen: set[int] = set()
+    for study, name, v, _, svf, other in _study_pairs():
+        if name == variant and id(v) not in seen:
+            seen.add(id(v))
+            pooled.setdefault(study["shots"], []).append((f"{study['model']} ({study['seed']})", svf, other))
+    for shots, parts in sorted(pooled.items()):
+        svf = np.concatenate([p[1] for p in parts])
+        full = np.concatenate([p[2] for p in parts])
+        rows.append(f"| {shots} | {', '.join(p[0] for p in parts)} | {len(svf)} | {_mean_se(svf)} | "
+                    f"{_mean_se(full)} | {_mean_se(full - svf)} | "
+                    f"{100 * (svf < -5).mean():.0f}% / {100 * (full < -5).mean():.0f}% |")
     return "\n".join(rows)
 
 
@@ -653,6 +681,8 @@ if __name__ == "__main__":
     print(adaptation_by_kind_table())
     print("\n### Study variants against the default SVF adaptation on an evaluate run's episodes\n")
     print(study_against_evaluate_table())
+    print("\n### Full fine-tuning against SVF, all paired studies together\n")
+    print(pooled_full_against_svf())
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from svf_model import apply_svf, build_backbone
-from svf_model.adapt import AdaptConfig
+from svf_model.adapt import AdaptConfig, augmented_views
 from svf_model.heads import build_head
 from svf_model.model import FewShotSegmenter
 from svf_model.predictor import Predictor
@@ -96,6 +96,22 @@ def test_one_shot_views_and_progress(model, shots):
     result = p.adapt(dataclasses.replace(FAST, one_shot="views"), progress=seen.append)
     assert result.steps == 3 and [s.step for s in seen] == [1, 2, 3]
     assert all(np.isfinite(s.loss) and s.seconds >= 0 for s in seen)
+
+
+def test_one_shot_view_colour_options(shots):
+    image, mask = shots[0]
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    rgb = torch.from_numpy(np.ascontiguousarray(image[:96, :96])).permute(2, 0, 1).float() / 255
+    normalised = (rgb - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    labels = torch.from_numpy(np.ascontiguousarray(mask[:96, :96])).long()
+    plain, plain_masks = augmented_views(normalised, labels, 3, mean, std, 5)
+    again, _ = augmented_views(normalised, labels, 3, mean, std, 5, hue=0.03, grayscale=0.0)
+    assert torch.equal(plain, again)  # the defaults are the views every earlier run used
+    grey, grey_masks = augmented_views(normalised, labels, 3, mean, std, 5, hue=0.3, grayscale=1.0)
+    assert torch.equal(grey_masks[0], plain_masks[0])  # same crop; colour never moves the mask
+    grey_rgb = grey * 0.25 + 0.5
+    torch.testing.assert_close(grey_rgb[:, 0], grey_rgb[:, 1], atol=1e-5, rtol=0)
+    assert not torch.allclose(plain[:, 0], plain[:, 1], atol=1e-2)
 
 
 def test_one_shot_adapts_by_default_and_skip_says_why(model, shots):
