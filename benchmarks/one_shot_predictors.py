@@ -21,17 +21,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from svf_model.data.episodes import read_label  # noqa: E402
+from svf_model.data.episodes import Item  # noqa: E402
+from svf_model.data.fss_folder import FSSFolder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AREA_BINS = (0.0, 0.1, 0.25, 0.5, 1.01)
 SCORE_BINS = (0.0, 0.3, 0.5, 0.7, 1.01)
 
 
-def _mask_area(data: Path, image: str) -> float:
+def _mask_area(folder: FSSFolder, image: str) -> float:
     """Share of the photo covered by the object in ``image``'s mask (``class/stem.png``)."""
-    label = read_label(data / Path(image).with_suffix(".png"))
-    return float((label > 127).mean() if label.max() > 1 else (label > 0).mean())
+    path = folder.root / image
+    return float(folder.load_mask(Item(path, path.with_suffix(".png")), path.parent.name).mean())
 
 
 def _binned(values: np.ndarray, change: np.ndarray, bins: tuple[float, ...], name: str) -> list[str]:
@@ -46,12 +47,13 @@ def _binned(values: np.ndarray, change: np.ndarray, bins: tuple[float, ...], nam
 
 
 def predictors_table(data: Path, names: list[str]) -> str:
+    folder = FSSFolder(data)
     rows = ["| run | episodes / bin | n | query change (pts, mean +- s.e.) or correlation |", "|---|---|---|---|"]
     for name in names:
         episodes = json.loads((RESULTS / name).read_text())["episodes"]
         if "support_iou_before" not in episodes[0] or len(episodes[0]["supports"]) != 1:
             raise SystemExit(f"{name}: not a gated 1-shot evaluate --adapt run")
-        area = np.array([_mask_area(data, e["supports"][0]) for e in episodes])
+        area = np.array([_mask_area(folder, e["supports"][0]) for e in episodes])
         before = np.array([e["support_iou_before"] for e in episodes])
         gain = np.array([e["support_iou_after"] - e["support_iou_before"] for e in episodes])
         change = np.array([e["iou_after"] - e["iou_before"] for e in episodes]) * 100

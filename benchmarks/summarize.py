@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -431,7 +432,7 @@ def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
         and abs(a["iou_before"] - b["iou_before"]) < 1e-9 for a, b in pairs)
 
 
-def _study_pairs():
+def _study_pairs() -> Iterator[tuple[dict, str, dict, dict, np.ndarray, np.ndarray]]:
     """``(study, variant name, variant, run, SVF change, variant change)`` for every variant of an
     ``adapt_study`` file run on the first episodes of an ``evaluate --adapt`` run with the defaults
     (checked by :func:`_same_episodes`; changes per episode, in points), leaving out variants that

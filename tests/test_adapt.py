@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from svf_model import apply_svf, build_backbone
 from svf_model.adapt import AdaptConfig, augmented_views
@@ -101,15 +103,24 @@ def test_one_shot_views_and_progress(model, shots):
 def test_one_shot_view_colour_options(shots):
     image, mask = shots[0]
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    mean_t, std_t = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     rgb = torch.from_numpy(np.ascontiguousarray(image[:96, :96])).permute(2, 0, 1).float() / 255
-    normalised = (rgb - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    normalised = (rgb - mean_t) / std_t
     labels = torch.from_numpy(np.ascontiguousarray(mask[:96, :96])).long()
     plain, plain_masks = augmented_views(normalised, labels, 3, mean, std, 5)
-    again, _ = augmented_views(normalised, labels, 3, mean, std, 5, hue=0.03, grayscale=0.0)
-    assert torch.equal(plain, again)  # the defaults are the views every earlier run used
+    earlier = v2.Compose([  # the views every run before these options used
+        v2.RandomResizedCrop(96, scale=(0.45, 1.0), ratio=(0.75, 1.333), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+    ])
+    torch.manual_seed(5)
+    source = tv_tensors.Image((normalised * std_t + mean_t).clamp(0, 1))
+    again = torch.stack([earlier(source, tv_tensors.Mask(labels[None]))[0].as_subclass(torch.Tensor)
+                         for _ in range(3)])
+    assert torch.equal(plain, (again - mean_t) / std_t)  # the defaults are the views every earlier run used
     grey, grey_masks = augmented_views(normalised, labels, 3, mean, std, 5, hue=0.3, grayscale=1.0)
     assert torch.equal(grey_masks[0], plain_masks[0])  # same crop; colour never moves the mask
-    grey_rgb = grey * 0.25 + 0.5
+    grey_rgb = grey * std_t + mean_t
     torch.testing.assert_close(grey_rgb[:, 0], grey_rgb[:, 1], atol=1e-5, rtol=0)
     assert not torch.allclose(plain[:, 0], plain[:, 1], atol=1e-2)
 
