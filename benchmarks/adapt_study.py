@@ -7,6 +7,7 @@ before and after adapting on the episode's supports:
 
 * ``svf``: singular values of the registry model's adapt modules (the method);
 * ``bn``: BatchNorm affine parameters of the same blocks;
+* ``depthwise``: the filters of their depthwise convs (which SVF leaves whole);
 * ``full``: every weight of the same blocks (the paper's claim: this overfits).
 
 Usage::
@@ -80,16 +81,22 @@ def adapt_other_target(model, predictor: Predictor, config: AdaptConfig, query) 
         originals = {p: copy.deepcopy(model.backbone.get_submodule(p)) for p in paths}
         try:
             result = adapt_svf(model, predictor._supports, predictor._support_masks, config)
-            img = load_image(query)
-            x = letterbox_image(img, predictor.image_size, model.backbone.mean, model.backbone.std)
-            with torch.no_grad():
-                cache = model.encode_supports(predictor._supports[None], predictor._support_masks[None])
-                logits = model.segment(x[None], cache)
-            return unletterbox_logits(logits, *img.shape[:2]).softmax(1)[0, 1].numpy() > 0.5, result.reverted
+            return query_mask(model, predictor, query), result.reverted
         finally:
             for path, block in originals.items():
                 parent, _, child = path.rpartition(".")
                 setattr(model.backbone.get_submodule(parent), child, block)
+
+
+def query_mask(model, predictor: Predictor, query) -> np.ndarray:  # noqa: ANN001
+    """``query``'s foreground mask ``[H, W]`` (bool, probability > 0.5) from ``model`` as it is now,
+    with the predictor's supports; for weights the predictor does not hold (``bn``/``full`` targets)."""
+    img = load_image(query)
+    x = letterbox_image(img, predictor.image_size, model.backbone.mean, model.backbone.std)
+    with torch.no_grad():
+        cache = model.encode_supports(predictor._supports[None], predictor._support_masks[None])
+        logits = model.segment(x[None], cache)
+    return unletterbox_logits(logits, *img.shape[:2]).softmax(1)[0, 1].numpy() > 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +210,7 @@ def write_json(path: str, summary: dict[str, dict], args: argparse.Namespace, do
                                       # adapt_other_target); files without this key predate that fix
                                       "comparison_targets_from_base": True,
                                       "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                                      "torch": torch.__version__,
                                       "variants": summary}, indent=1))
 
 

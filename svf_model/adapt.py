@@ -68,7 +68,8 @@ class AdaptConfig:
         modules: backbone module paths whose SVF layers adapt (e.g. ``["layer4.1"]``); ``None``:
             every SVF layer of the backbone. The predictor fills it from the model's registry entry.
         target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
-            (BatchNorm affine of the SVF stages) and ``"full"`` (every weight of those stages).
+            (BatchNorm affine of the SVF stages), ``"depthwise"`` (the filters of their grouped /
+            depthwise convs, which SVF leaves whole) and ``"full"`` (every weight of those stages).
             The comparison targets modify the model they are given: pass a copy.
         loss: ``"balanced"`` (the mean of the foreground and the background pixels'
             cross-entropies, so a small object weighs as much as its background) or ``"ce"`` (pixel
@@ -278,10 +279,11 @@ def _only_singular_values_train(
 
 
 def _baseline_target(target: str):
-    """Comparison targets (``"bn"``, ``"full"``) on the stages that hold SVF layers: those layers are
-    folded back to plain convs and the chosen weights become trainable parameters (BN stays in eval)."""
-    if target not in ("bn", "full"):
-        raise ValueError(f"target must be svf, bn or full, got {target!r}")
+    """Comparison targets (``"bn"``, ``"depthwise"``, ``"full"``) on the stages that hold SVF layers:
+    those layers are folded back to plain convs and the chosen weights become trainable parameters
+    (BN stays in eval)."""
+    if target not in ("bn", "depthwise", "full"):
+        raise ValueError(f"target must be svf, bn, depthwise or full, got {target!r}")
 
     @contextlib.contextmanager
     def trainer(
@@ -298,6 +300,8 @@ def _baseline_target(target: str):
         for root in roots:
             for module in root.modules():
                 if "BatchNorm" in type(module).__name__:
+                    if target == "depthwise":
+                        continue
                     for key in ("weight", "bias"):
                         value = module._buffers.pop(key, None)
                         if value is not None:
@@ -307,6 +311,10 @@ def _baseline_target(target: str):
                             params.append(tensor)
                 elif target == "full":
                     params.extend(module.parameters(recurse=False))
+                elif target == "depthwise" and isinstance(module, torch.nn.Conv2d) and module.groups > 1:
+                    params.append(module.weight)
+        if not params:
+            raise ValueError(f"target {target!r}: no such weights in {', '.join(stages)}")
         for p in params:
             p.requires_grad_(True)
         yield [(p, 1.0) for p in params]

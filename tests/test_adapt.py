@@ -342,3 +342,62 @@ def test_study_comparison_targets_start_from_the_base_singular_values(model, sho
     assert not reverted
     np.testing.assert_array_equal(mask, base)
     np.testing.assert_array_equal(p.predict(query).mask, base)
+
+
+def test_full_step_subspace_projects_onto_what_svf_can_express(model):
+    """benchmarks/full_step_subspace.py splits a weight change into the part SVF can express
+    (``U diag(c) V^T``) and the rest: the split must recover an SVF change exactly and leave a rest
+    with no SVF part, on the real decomposed convs."""
+    import importlib.util
+    from pathlib import Path
+
+    from svf_model.svf import svf_layers
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "full_step_subspace.py"
+    spec = importlib.util.spec_from_file_location("full_step_subspace", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+
+    gen = torch.Generator().manual_seed(0)
+    layers = list(svf_layers(model.backbone))
+    assert layers
+    for _, layer in layers:
+        U, Vh = layer.U.double(), layer.Vh.double()
+        c0 = torch.randn(U.shape[1], generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(study.diagonal_part(U, Vh, (U * c0) @ Vh), c0)
+        dW = torch.randn(U.shape[0], Vh.shape[1], generator=gen, dtype=torch.float64)
+        c = study.diagonal_part(U, Vh, dW)
+        rest = dW - (U * c) @ Vh
+        assert study.diagonal_part(U, Vh, rest).norm() < 1e-6 * c.norm()  # U, Vh are float32-orthonormal
+        assert 0 < c.norm() < dW.norm()
+
+
+def test_depthwise_target_trains_only_the_depthwise_filters(model, shots):
+    """The ``depthwise`` comparison target changes the adapt block's depthwise filters and nothing
+    else: the dense convs keep the weights their singular values give, BatchNorm stays as it was."""
+    import copy
+
+    from svf_model.adapt import adapt_svf
+    from svf_model.svf import svf_layers
+
+    m = copy.deepcopy(model)
+    block = m.backbone.get_submodule("layer4.1")
+    dense = {n: layer.recomposed_weight().detach().reshape(layer.weight_shape).clone()
+             for n, layer in svf_layers(block)}
+    depthwise = {n: c.weight.detach().clone() for n, c in block.named_modules()
+                 if isinstance(c, torch.nn.Conv2d) and c.groups > 1}
+    norms = {n: {k: v.clone() for k, v in b.state_dict().items()} for n, b in block.named_modules()
+             if "BatchNorm" in type(b).__name__}
+    assert dense and depthwise and norms
+    p = _predictor(m, shots)
+    config = dataclasses.replace(FAST, target="depthwise", lr=0.01, modules=["layer4.1"])
+    adapt_svf(m, p._supports, p._support_masks, config)
+    for name, w in depthwise.items():
+        assert not torch.equal(block.get_submodule(name).weight, w), name
+    for name, w in dense.items():
+        torch.testing.assert_close(block.get_submodule(name).weight, w)
+    for name, state in norms.items():
+        for key, value in block.get_submodule(name).state_dict().items():
+            assert torch.equal(value, state[key]), (name, key)
+    with pytest.raises(ValueError, match="svf, bn, depthwise or full"):
+        adapt_svf(m, p._supports, p._support_masks, dataclasses.replace(config, target="lora"))
