@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -42,12 +43,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[FewShotSegmenter, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
 def _shared_lock(model: FewShotSegmenter) -> threading.RLock:
-    lock = getattr(model, "_predictor_lock", None)
-    if lock is None:
-        lock = threading.RLock()
-        model._predictor_lock = lock
-    return lock
+    """The one lock of every Predictor over ``model`` (kept beside the model, not on it, so that the
+    model can still be deep-copied or pickled after a Predictor has used it)."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 def base_svf_state(model: FewShotSegmenter, low_shot: bool = False) -> dict[str, torch.Tensor]:

@@ -109,3 +109,16 @@ def test_bf16_autocast_close_to_fp32(model, horses):
     a, b = fp32.predict(horses[2][0]), bf16.predict(horses[2][0])
     assert iou(a.mask, b.mask) > 0.9
     assert torch.get_autocast_dtype("cpu") is not None
+
+
+def test_a_model_used_by_a_predictor_can_still_be_deep_copied(model):
+    """Predictors share a lock per model; it lives beside the model, so copying the model (as the
+    comparison studies do) keeps working, and the copy gets a lock of its own."""
+    import copy
+
+    from svf_model.predictor import _shared_lock
+
+    Predictor(model, image_size=SIZE)
+    twin = copy.deepcopy(model)
+    assert _shared_lock(twin) is not _shared_lock(model)
+    assert _shared_lock(model) is _shared_lock(model)
