@@ -90,7 +90,7 @@ def adapt_other_target(model, predictor: Predictor, config: AdaptConfig, query) 
 
 def query_mask(model, predictor: Predictor, query) -> np.ndarray:  # noqa: ANN001
     """``query``'s foreground mask ``[H, W]`` (bool, probability > 0.5) from ``model`` as it is now,
-    with the predictor's supports; for weights the predictor does not hold (``bn``/``full`` targets)."""
+    with the predictor's supports; for weights the predictor does not hold (the comparison targets)."""
     img = load_image(query)
     x = letterbox_image(img, predictor.image_size, model.backbone.mean, model.backbone.std)
     with torch.no_grad():

@@ -293,6 +293,8 @@ def _baseline_target(target: str):
 
         stages = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, modules)})
         roots = [model.backbone.get_submodule(s) for s in stages]
+        if target == "depthwise" and not any(getattr(m, "groups", 1) > 1 for r in roots for m in r.modules()):
+            raise ValueError(f"target 'depthwise': no grouped or depthwise convs in {', '.join(stages)}")
         fold_svf(roots)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -313,8 +315,6 @@ def _baseline_target(target: str):
                     params.extend(module.parameters(recurse=False))
                 elif target == "depthwise" and isinstance(module, torch.nn.Conv2d) and module.groups > 1:
                     params.append(module.weight)
-        if not params:
-            raise ValueError(f"target {target!r}: no such weights in {', '.join(stages)}")
         for p in params:
             p.requires_grad_(True)
         yield [(p, 1.0) for p in params]

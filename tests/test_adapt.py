@@ -401,3 +401,19 @@ def test_depthwise_target_trains_only_the_depthwise_filters(model, shots):
             assert torch.equal(value, state[key]), (name, key)
     with pytest.raises(ValueError, match="svf, bn, depthwise or full"):
         adapt_svf(m, p._supports, p._support_masks, dataclasses.replace(config, target="lora"))
+
+
+def test_depthwise_target_without_depthwise_convs_is_refused_before_touching_the_model():
+    """ResNet blocks have no depthwise convs: the ``depthwise`` target says so and leaves the SVF
+    layers as they were (the comparison targets fold them otherwise)."""
+    from svf_model.adapt import adapt_svf
+    from svf_model.svf import SVFConv2d
+
+    backbone = build_backbone("resnet50", weights=None).eval()
+    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer3", "layer4")))
+    apply_svf([m.backbone.layer4], parametrization="exp")
+    images, masks = torch.randn(2, 3, 65, 65), (torch.rand(2, 65, 65) > 0.5).long()
+    config = AdaptConfig(target="depthwise", steps=1, image_size=None, gate="off", modules=["layer4"])
+    with pytest.raises(ValueError, match="no grouped or depthwise convs in layer4"):
+        adapt_svf(m, images, masks, config)
+    assert isinstance(m.backbone.layer4[0].conv1, SVFConv2d)
