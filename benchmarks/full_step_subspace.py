@@ -8,7 +8,7 @@ off (so every adaptation is kept and the decomposition is clean):
 
 * ``svf``: the model's singular values (AdaptConfig defaults otherwise);
 * ``full``: every weight of the adapt block (``full:lr=...``, default 1e-3 as in the README's
-  comparisons), and then, from that one fine-tuned block, three edits of it:
+  comparisons), and then, from that one fine-tuned block, five edits of it:
 
   - ``full_diag``: each SVF-decomposed conv's change ``dW`` replaced by its part SVF could express,
     ``U diag(u_i^T dW v_i) V^T`` (the rest of the block - depthwise conv, BatchNorm - as fine-tuned);
@@ -69,16 +69,14 @@ def set_dense_weights(block: torch.nn.Module, weights: dict[str, torch.Tensor]) 
             conv.weight.copy_(w.reshape(conv.weight.shape))
 
 
-def restore_part(block: torch.nn.Module, original: torch.nn.Module, part: str) -> None:
-    """Put ``block``'s BatchNorm affine (``part="bn"``) or its other non-decomposed convs
-    (``"conv"``: the depthwise conv) back to their values in ``original`` (same module names)."""
+def restore_part(block: torch.nn.Module, original: torch.nn.Module, part: str, dense: set[str]) -> None:
+    """Put ``block``'s BatchNorm affine (``part="bn"``) or its convs other than the decomposed ones
+    in ``dense`` (``"conv"``: the depthwise conv) back to their values in ``original``."""
     with torch.no_grad():
         for name, module in block.named_modules():
             is_bn = "BatchNorm" in type(module).__name__
-            if name and (part == "bn") == is_bn and (is_bn or isinstance(module, torch.nn.Conv2d)):
+            if is_bn if part == "bn" else isinstance(module, torch.nn.Conv2d) and name not in dense:
                 source = original.get_submodule(name)
-                if not is_bn and not isinstance(source, torch.nn.Conv2d):
-                    continue  # a decomposed conv: edited through its weight, not restored here
                 for key in ("weight", "bias"):
                     if getattr(module, key, None) is not None:
                         getattr(module, key).copy_(getattr(source, key))
@@ -131,7 +129,7 @@ def run_episode(model, predictor: Predictor, ep, lr: float) -> tuple[dict[str, f
                 ious[name] = iou(query_mask(model, predictor, ep.query), ep.query_mask)
             tuned_parts = copy.deepcopy(block)  # dense convs at W now; depthwise conv and BN as tuned
             for name, part in (("full_depthwise_only", "bn"), ("full_bn_only", "conv")):
-                restore_part(block, original, part)
+                restore_part(block, original, part, set(base))
                 ious[name] = iou(query_mask(model, predictor, ep.query), ep.query_mask)
                 block.load_state_dict(tuned_parts.state_dict())
         finally:

@@ -16,7 +16,7 @@ from svf_model.heads import build_head
 from svf_model.model import FewShotSegmenter
 from svf_model.predictor import Predictor
 from svf_model.weights import CheckpointError
-from tests.helpers import fss_pairs
+from tests.helpers import fss_pairs, load_benchmark
 
 SIZE = 161
 FAST = AdaptConfig(steps=3, lr=0.05, image_size=129, time_budget_s=None, gate="off")
@@ -322,13 +322,7 @@ def test_rejected_adaptation_leaves_the_predictor_as_it_was(model, shots):
 def test_study_comparison_targets_start_from_the_base_singular_values(model, shots):
     """benchmarks/adapt_study.py runs ``bn``/``full`` after ``svf`` on the same shared model: they
     must start from the base values, not from those the ``svf`` variant adapted and predicted with."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adapt_study.py"
-    spec = importlib.util.spec_from_file_location("adapt_study", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_benchmark("adapt_study")
 
     p = _predictor(model, shots)
     query = shots[3][0]
@@ -348,15 +342,9 @@ def test_full_step_subspace_projects_onto_what_svf_can_express(model):
     """benchmarks/full_step_subspace.py splits a weight change into the part SVF can express
     (``U diag(c) V^T``) and the rest: the split must recover an SVF change exactly and leave a rest
     with no SVF part, on the real decomposed convs."""
-    import importlib.util
-    from pathlib import Path
-
     from svf_model.svf import svf_layers
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "full_step_subspace.py"
-    spec = importlib.util.spec_from_file_location("full_step_subspace", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_benchmark("full_step_subspace")
 
     gen = torch.Generator().manual_seed(0)
     layers = list(svf_layers(model.backbone))
