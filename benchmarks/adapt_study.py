@@ -18,7 +18,8 @@ Usage::
 A variant is ``target[:key=value,...]`` with ``AdaptConfig`` fields (``steps``, ``lr``, ...;
 ``modules=layer4+layer3.5`` lists module paths). ``--grouped`` also decomposes the grouped
 (depthwise) convs of the model's adapt modules (``apply_svf(kinds={"grouped"})``: one singular value
-per depthwise channel), so ``svf`` variants train those values too.
+per depthwise channel; ``--grouped shared``: the filter bank folded as one matrix, one singular value
+per shared basis filter), so ``svf`` variants train those values too.
 Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
 that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
 """
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["svf"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memo-gb", type=float, default=3.0, help="feature memo budget (see svf_model.feature_memo)")
-    ap.add_argument("--grouped", action="store_true",
-                    help="also decompose the adapt modules' grouped/depthwise convs (their values train too)")
+    ap.add_argument("--grouped", nargs="?", const="per-group", default=False, choices=["per-group", "shared"],
+                    help="also decompose the adapt modules' grouped/depthwise convs (their values train "
+                         "too): group by group, or with 'shared' as one filter bank (shared basis filters)")
     ap.add_argument("--classes", nargs="+", default=None,
                     help="classes to sample episodes from (default: the held-out 20%% of the training split)")
     ap.add_argument("--json", default=None)

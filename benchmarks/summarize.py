@@ -279,8 +279,9 @@ def _options(run: dict) -> list[str]:
     legacy = "adapt_config" not in run["config"] and run["config"]["shots"] >= 2
     if legacy and not any(o.startswith("loss=") for o in options):
         options.append("loss=ce")
-    if run["config"].get("adapt_grouped"):
-        options.append("--adapt-grouped")
+    grouped = run["config"].get("adapt_grouped")
+    if grouped:
+        options.append("--adapt-grouped shared" if grouped == "shared" else "--adapt-grouped")
     return options
 
 
@@ -409,12 +410,17 @@ def adaptation_table() -> str:
             if v["config"].get("loss") == "auto" and data["shots"] >= 2:  # before balanced became the default
                 variant += ":loss=ce" if ":" not in variant else ",loss=ce"
             if data.get("svf_grouped") and v["config"]["target"] == "svf":
-                variant += " (+ depthwise)"
+                variant += _grouped_label(data["svf_grouped"])
             rows.append(f"| {data['shots']} | {data['model']} | `{variant}` | {data['episodes']} | "
                         f"{v['mean_before']:.1f} | {v['mean_after']:.1f} | {v['mean_change']:+.2f} | "
                         f"{v['std_change']:.2f} | {v['se_change']:.2f} | {paired} | "
                         f"{100 * v['share_losing_5pts']:.0f}% | {undid} | {sec['median']:.1f} | {sec['p90']:.1f} |")
     return "\n".join(rows)
+
+
+def _grouped_label(grouped: bool | str) -> str:
+    """How a study's ``--grouped`` switch decomposed the depthwise conv, as a label suffix."""
+    return " (+ depthwise, shared basis)" if grouped == "shared" else " (+ depthwise)"
 
 
 def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
@@ -464,7 +470,9 @@ def study_against_evaluate_table() -> str:
         names = np.array([e["class"] for e in v["episodes"]])
         classes = list(dict.fromkeys(names))
         wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
-        rows.append(f"| {study['model']} | {study['shots']} | `{variant}` | {len(svf)} ({study['seed']}) | "
+        label = f"`{variant}`" + (_grouped_label(study["svf_grouped"])
+                                  if study.get("svf_grouped") and v["config"]["target"] == "svf" else "")
+        rows.append(f"| {study['model']} | {study['shots']} | {label} | {len(svf)} ({study['seed']}) | "
                     f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
                     f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
                     f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
@@ -575,7 +583,7 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
             vs_steps = _paired(change, episodes, runs.get((target, grouped, lr, 10))) if steps != 10 else ""
             label = {"svf": "singular values", "bn": "BatchNorm affine", "depthwise": "depthwise filters",
                      "full": "every weight"}[target]
-            label += " (+ depthwise)" if grouped else ""
+            label += _grouped_label(grouped) if grouped else ""
             rows.append(f"| {model} | {shots} | {label} | {lr:g} | {steps} | {len(change)} | {_mean_se(change)} | "
                         f"{vs_svf} | {vs_steps} | {100 * (change < -5).mean():.0f}% | "
                         f"{100 * v['share_reverted']:.0f}% | {v['seconds']['median']:.1f} |")

@@ -10,8 +10,9 @@ trained backbone weights instead of singular values (``tuned_weights``: ``full``
 
 Metadata (strings; JSON for non-strings): ``format``, ``backbone``, ``backbone_weights``
 (``imagenet``, ``random`` or a path), ``method``, ``head_kwargs``, ``svf_stages``, ``svf_kinds``,
-``parametrization``, ``image_size``, ``shots``, ``low_shot_below``, ``low_shot_fallback_margin`` and
-``low_shot_fallback_up_to`` (with low-shot values), ``tuned_weights`` and ``tuned_stages`` (comparison models),
+``svf_shared_basis`` (grouped convs folded as one filter bank), ``parametrization``, ``image_size``,
+``shots``, ``low_shot_below``, ``low_shot_fallback_margin`` and ``low_shot_fallback_up_to`` (with
+low-shot values), ``tuned_weights`` and ``tuned_stages`` (comparison models),
 ``sha256`` (of the tensors: a changed byte is refused), ``backbone_fingerprint`` (of the frozen
 backbone weights: a different pretrained backbone gives a warning), plus any extra keys the caller
 adds.
@@ -34,8 +35,8 @@ from .weights import CheckpointError
 logger = logging.getLogger(__name__)
 
 FORMAT = "svf-fewshot/1"
-_JSON_KEYS = ("head_kwargs", "svf_stages", "svf_kinds", "image_size", "shots", "low_shot_below",
-              "low_shot_fallback_margin", "low_shot_fallback_up_to", "tuned_stages")
+_JSON_KEYS = ("head_kwargs", "svf_stages", "svf_kinds", "svf_shared_basis", "image_size", "shots",
+              "low_shot_below", "low_shot_fallback_margin", "low_shot_fallback_up_to", "tuned_stages")
 LOW_SHOT = "low_shot."
 
 
@@ -95,6 +96,7 @@ def describe(model, meta: dict[str, Any] | None = None) -> dict[str, Any]:  # no
         "head_kwargs": {},
         "svf_stages": stages,
         "svf_kinds": kinds,
+        "svf_shared_basis": any(getattr(lay, "shared_basis", False) for _, lay in layers),
         "parametrization": layers[0][1].sv.parametrization if layers else "direct",
         "image_size": 473,
         "shots": 1,
@@ -201,7 +203,8 @@ def build_from_meta(meta: dict[str, Any], backbone_weights: str | os.PathLike | 
         p.requires_grad_(False)
     if meta.get("svf_stages"):
         apply_svf(backbone.stages(meta["svf_stages"]), kinds=meta.get("svf_kinds", ("1x1", "3x3")),
-                  parametrization=meta.get("parametrization", "direct"))
+                  parametrization=meta.get("parametrization", "direct"),
+                  shared_basis=bool(meta.get("svf_shared_basis", False)))
     freeze_batchnorm(backbone)
     model = FewShotSegmenter(backbone, head)
     if meta.get("tuned_weights") is not None:

@@ -357,8 +357,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's, else 473)")
     p.add_argument("--adapt", action="store_true", help="adapt the singular values on each episode's supports")
-    p.add_argument("--adapt-grouped", action="store_true",
-                   help="registered models: also decompose (and adapt) the adapt modules' depthwise convs")
+    p.add_argument("--adapt-grouped", nargs="?", const="per-group", default=False, choices=["per-group", "shared"],
+                   help="registered models: also decompose (and adapt) the adapt modules' depthwise convs, "
+                        "group by group, or with 'shared' as one filter bank (shared basis filters)")
     p.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
     p.add_argument("--adapt-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="other AdaptConfig fields, e.g. --adapt-set objective=head one_shot=views lr=0.01")

@@ -44,7 +44,9 @@ class ModelEntry:
     image_size: int = 473
     adapt_modules: list[str] = field(default_factory=lambda: ["layer4.1"])
     parametrization: str = "exp"
-    adapt_grouped: bool = False  # also decompose the adapt modules' grouped/depthwise convs
+    # also decompose the adapt modules' grouped/depthwise convs: True (or "per-group") group by group,
+    # "shared" as one filter bank (svf_model.svf, shared_basis)
+    adapt_grouped: bool | str = False
     metrics: dict[str, Any] = field(default_factory=dict)
     adapt_note: str = ""  # shown after Adapt: what adaptation measurably did to this model
 
@@ -128,13 +130,14 @@ def load_model(
     device: str = "cpu",
     registry: str | os.PathLike = REGISTRY_FILE,
     checkpoint_dir: str | os.PathLike | None = None,
-    adapt_grouped: bool | None = None,
+    adapt_grouped: bool | str | None = None,
 ):
     """Build a registered model (``None``: the default) -> ``(FewShotSegmenter, ModelEntry)``.
 
     The backbone modules listed in ``adapt_modules`` (dotted paths such as ``"layer4"`` or
     ``"layer4.1"``) carry SVF layers, ready for adaptation. With ``adapt_grouped`` (``None``: the
-    entry's setting) their grouped/depthwise convs are decomposed too, group by group, so their
+    entry's setting) their grouped/depthwise convs are decomposed too, group by group (``True`` or
+    ``"per-group"``) or as one filter bank with shared basis filters (``"shared"``), so their
     singular values adapt as well. Weight files are looked up (and hub downloads stored) in
     ``checkpoint_dir``, by default the folder holding ``registry``.
     """
@@ -148,6 +151,9 @@ def load_model(
     if name not in entries:
         raise CheckpointError(f"unknown model {name!r}; registered: {', '.join(sorted(entries))}")
     entry = entries[name]
+    grouped = entry.adapt_grouped if adapt_grouped is None else adapt_grouped
+    if grouped not in (False, True, "per-group", "shared"):
+        raise ValueError(f"adapt_grouped must be false, true, 'per-group' or 'shared', got {grouped!r}")
     path = resolve_file(entry, Path(checkpoint_dir) if checkpoint_dir is not None else Path(registry).parent)
     if path is None:
         backbone = build_backbone(entry.backbone, weights="imagenet")
@@ -164,9 +170,9 @@ def load_model(
     missing = [m for m in entry.adapt_modules if not any(n == m or n.startswith(m + ".") for n in have)]
     if missing:
         apply_svf([model.backbone.get_submodule(m) for m in missing], parametrization=entry.parametrization)
-    if entry.adapt_grouped if adapt_grouped is None else adapt_grouped:
+    if grouped:
         apply_svf([model.backbone.get_submodule(m) for m in entry.adapt_modules], kinds={"grouped"},
-                  parametrization=entry.parametrization)
+                  parametrization=entry.parametrization, shared_basis=grouped == "shared")
     for p in model.parameters():
         p.requires_grad_(False)
     model.name = entry.name

@@ -5,8 +5,12 @@ decomposed with a full-rank SVD ``W = U diag(s) V^T`` (rank ``R = min(Co, Ci*kh*
 rounded). ``U`` and ``V`` are frozen buffers; only the singular values train.
 
 A grouped conv (``groups = g``, e.g. EfficientNet's depthwise convs) is the block-diagonal matrix of
-its ``g`` groups; each group is decomposed on its own (``R = g * min(Co/g, Ci/g*kh*kw)``), so a
-depthwise conv has one singular value per channel: the norm of that channel's filter.
+its ``g`` groups; by default each group is decomposed on its own (``R = g * min(Co/g, Ci/g*kh*kw)``),
+so a depthwise conv has one singular value per channel: the norm of that channel's filter. With
+``shared_basis`` the weight is folded literally, to ``Co x (Ci/g*kh*kw)``, and decomposed once: each
+filter is a combination (a row of ``U``) of ``R = min(Co, Ci/g*kh*kw)`` filters shared by every group
+(the rows of ``V^T``; 9 for a 3x3 depthwise conv), and a singular value scales one shared filter in
+every channel at once.
 
 Two parametrisations (SVF paper, appendix D.2):
 
@@ -18,7 +22,8 @@ Two forward forms, chosen per call:
 * ``"three_layer"`` (the official form): ``kxk`` conv with ``V^T`` -> per-channel scale by ``s``
   -> ``1x1`` conv with ``U`` (+ bias).
 * ``"recompose"``: build ``(U * s) @ V^T`` and run one conv; autograd must then form the full
-  weight gradient.
+  weight gradient. Layers with a shared basis always train this way (the weight is tiny, while the
+  three-layer form would run every basis filter in every group).
 
 Whenever no gradient can reach the singular values (``torch.no_grad()``, or frozen), the layer runs
 one conv with a cached recomposed weight, so inference costs what the plain layer costs.
@@ -101,7 +106,8 @@ class SVFLayer(nn.Module):
     """Common machinery of :class:`SVFConv2d` and :class:`SVFLinear`.
 
     Buffers: ``U [Co, R]``, ``Vh [R, Ci*kh*kw]``, ``bias [Co]`` (optional, frozen); for ``groups = g``
-    one decomposition per group: ``U [g, Co/g, Rg]``, ``Vh [g, Rg, Ci/g*kh*kw]`` and ``R = g * Rg``.
+    one decomposition per group: ``U [g, Co/g, Rg]``, ``Vh [g, Rg, Ci/g*kh*kw]`` and ``R = g * Rg``,
+    or with ``shared_basis`` one for the whole filter bank: ``U [Co, R]``, ``Vh [R, Ci/g*kh*kw]``.
     Parameters: the singular values ``[R]`` (group-major), in ``self.sv`` (see :class:`_SingularValues`).
     """
 
@@ -116,9 +122,11 @@ class SVFLayer(nn.Module):
         parametrization: Parametrization,
         form: Form,
         groups: int = 1,
+        shared_basis: bool = False,
     ) -> None:
         super().__init__()
-        if groups == 1:
+        self.shared_basis = shared_basis and groups > 1
+        if groups == 1 or self.shared_basis:
             matrix = weight.detach().reshape(weight.shape[0], -1)
         else:
             matrix = weight.detach().reshape(groups, weight.shape[0] // groups, -1)
@@ -148,7 +156,8 @@ class SVFLayer(nn.Module):
         kernel = f"{self.weight_shape[2]}x{self.weight_shape[3]}"
         if self.groups == 1:
             return kernel
-        return f"{kernel} {'depthwise' if self.weight_shape[1] == 1 else 'grouped'}"
+        kind = f"{kernel} {'depthwise' if self.weight_shape[1] == 1 else 'grouped'}"
+        return f"{kind} shared" if self.shared_basis else kind
 
     def singular_values(self) -> torch.Tensor:
         """Current singular values ``[R]``."""
@@ -156,7 +165,7 @@ class SVFLayer(nn.Module):
 
     def recomposed_weight(self) -> torch.Tensor:
         """``(U * s) @ Vh`` (per group) as ``[Co, Ci/groups*kh*kw]`` (differentiable in ``s``)."""
-        if self.groups == 1:
+        if self.groups == 1 or self.shared_basis:
             return (self.U * self.sv()) @ self.Vh
         s = self.sv().reshape(self.groups, 1, -1)
         return ((self.U * s) @ self.Vh).reshape(self.weight_shape[0], -1)
@@ -190,10 +199,11 @@ class SVFConv2d(SVFLayer):
         conv: nn.Conv2d,
         parametrization: Parametrization = "direct",
         form: Form = DEFAULT_TRAIN_FORM,
+        shared_basis: bool = False,
     ) -> None:
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
-        super().__init__(conv.weight, conv.bias, parametrization, form, groups=conv.groups)
+        super().__init__(conv.weight, conv.bias, parametrization, form, groups=conv.groups, shared_basis=shared_basis)
         self.stride = conv.stride
         self.padding = conv.padding
         self.dilation = conv.dilation
@@ -210,22 +220,39 @@ class SVFConv2d(SVFLayer):
         if not self._needs_grad():
             weight = self._inference_weight()
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.form == "recompose":
+        # A shared basis would make the three-layer form run every basis filter in every group
+        # (g*R channels), while its recomposed weight is tiny.
+        if self.form == "recompose" or self.shared_basis:
             weight = self.recomposed_weight().reshape(self.weight_shape)
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        h = self._project(x) * self.sv()[None, :, None, None]
+        h = self._project(x) * self._channel_scale()[None, :, None, None]
         return F.conv2d(h, self.U.reshape(self.weight_shape[0], -1)[:, :, None, None], self.bias,
                         groups=self.groups)
 
+    def _channel_scale(self) -> torch.Tensor:
+        """The singular value of each channel of :meth:`_project`'s output: ``[R]``, or ``[g*R]``
+        (the ``R`` values repeated for every group) with a shared basis."""
+        s = self.sv()
+        return s.repeat(self.groups) if self.shared_basis else s
+
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """``V^T x`` (per group) on the padded input: ``[N, R, H', W']``."""
+        """``V^T x`` (per group) on the padded input: ``[N, R, H', W']``, or ``[N, g*R, H', W']``
+        (group-major) with a shared basis."""
         co, ci, kh, kw = self.weight_shape
-        return F.conv2d(x, self.Vh.reshape(self.rank, ci, kh, kw), None, self.stride, self.padding,
-                        self.dilation, self.groups)
+        vh = self.Vh.reshape(-1, ci, kh, kw)
+        if self.shared_basis:
+            vh = vh.repeat(self.groups, 1, 1, 1)
+        return F.conv2d(x, vh, None, self.stride, self.padding, self.dilation, self.groups)
 
     def components(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank-R intermediate response ``s * (V^T x)``: ``[N, R, H', W']`` (for cue maps)."""
-        return self._project(self._pad(x)) * self.sv()[None, :, None, None]
+        """Rank-R intermediate response ``s * (V^T x)``: ``[N, R, H', W']`` (for cue maps). With a
+        shared basis each component answers in every group; its map is then the root mean square
+        over the groups."""
+        h = self._project(self._pad(x)) * self._channel_scale()[None, :, None, None]
+        if self.shared_basis:
+            n, _, height, width = h.shape
+            h = h.reshape(n, self.groups, self.rank, height, width).pow(2).mean(1).sqrt()
+        return h
 
     def to_plain(self) -> nn.Conv2d:
         """A plain conv (``Conv2dSame`` where the source was one) with the tuned weight."""
@@ -393,6 +420,7 @@ def apply_svf(
     parametrization: Parametrization = "direct",
     form: Form = DEFAULT_TRAIN_FORM,
     freeze_rest: bool = True,
+    shared_basis: bool = False,
 ) -> nn.Module | list[nn.Module]:
     """Replace every eligible conv/linear inside ``module`` by its SVF layer.
 
@@ -405,6 +433,8 @@ def apply_svf(
         form: training forward form (see module docstring).
         freeze_rest: freeze every other parameter inside ``module`` and turn its BatchNorms into
             frozen BatchNorms, so only singular values train.
+        shared_basis: decompose grouped convs as one ``Co x (Ci/g*kh*kw)`` filter bank (shared
+            basis filters; see the module docstring) instead of group by group.
 
     Returns:
         ``module`` itself (the same list when a list was given), modified in place. The
@@ -426,7 +456,7 @@ def apply_svf(
             return None
         if kind == "linear":
             return SVFLinear(child, parametrization, form)
-        return SVFConv2d(child, parametrization, form)
+        return SVFConv2d(child, parametrization, form, shared_basis=shared_basis)
 
     for root in roots:
         if freeze_rest:

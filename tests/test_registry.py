@@ -13,7 +13,7 @@ import torch
 
 from svf_model import apply_svf, build_backbone, official_state_dict
 from svf_model.backbones import list_backbones
-from svf_model.checkpoint import save_checkpoint, trainable_state
+from svf_model.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from svf_model.heads import build_head, list_heads
 from svf_model.model import FewShotSegmenter
 from svf_model.registry import list_models, load_model, read_registry, sha256_of
@@ -73,18 +73,25 @@ def test_default_model_loads_offline_ready_for_adaptation():
     assert logits.shape == (1, 2, size, size) and torch.isfinite(logits).all()
 
 
-def test_adapt_grouped_decomposes_the_depthwise_convs_of_the_adapt_modules_without_changing_outputs():
+@pytest.mark.parametrize(("adapt_grouped", "kind"), [(True, "depthwise"), ("shared", "depthwise shared")])
+def test_adapt_grouped_decomposes_the_depthwise_convs_of_the_adapt_modules_without_changing_outputs(
+        adapt_grouped: bool | str, kind: str):
     plain, entry = load_model()
-    grouped, _ = load_model(adapt_grouped=True)
+    grouped, _ = load_model(adapt_grouped=adapt_grouped)
     plain_names = {name for name, _ in svf_layers(plain.backbone)}
     extra = {name: layer.kind for name, layer in svf_layers(grouped.backbone) if name not in plain_names}
-    assert extra and all(kind.endswith("depthwise") for kind in extra.values()), extra
+    assert extra and all(k.endswith(kind) for k in extra.values()), extra
     assert all(any(name.startswith(m + ".") for m in entry.adapt_modules) for name in extra)
     x = torch.randn(1, 3, 97, 97)
     with torch.no_grad():
         a = plain(x, x[None], (x[0, :1] > 0).float()[None])
         b = grouped(x, x[None], (x[0, :1] > 0).float()[None])
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_an_unknown_depthwise_decomposition_is_refused_before_loading():
+    with pytest.raises(ValueError, match="adapt_grouped must be"):
+        load_model(adapt_grouped="kernel")
 
 
 def test_malformed_registry_and_unknown_name_are_checkpoint_errors(tmp_path):
@@ -120,6 +127,28 @@ def small_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], d
              "head_kwargs": {"reduce_dim": 16}, "file": path.name, "sha256": sha256_of(path),
              "source": {"type": "local"}, "format": "svf", "image_size": 161, "adapt_modules": ["layer4.1"]}
     return path, {k: v.clone() for k, v in trainable_state(model).items()}, entry
+
+
+def test_a_checkpoint_with_shared_basis_depthwise_layers_loads_back_the_same(tmp_path):
+    """The filter-bank decomposition is recorded in the checkpoint and rebuilt at load: same layers,
+    same singular values, same outputs (a per-group rebuild would not even have the same shapes)."""
+    torch.manual_seed(1)
+    backbone = build_backbone("efficientnet_lite2")
+    model = FewShotSegmenter(backbone, build_head("baseline", backbone, reduce_dim=16))
+    apply_svf(backbone.layer4, kinds={"1x1", "grouped"}, parametrization="exp", shared_basis=True)
+    with torch.no_grad():
+        for _, layer in svf_layers(backbone):
+            layer.sv.trainable.normal_(0, 0.1)
+    path = save_checkpoint(model.eval(), tmp_path / "shared.safetensors", {"head_kwargs": {"reduce_dim": 16}})
+    loaded, meta = load_checkpoint(path)
+    assert meta["svf_shared_basis"] is True
+    kinds = {name: layer.kind for name, layer in svf_layers(loaded.backbone)}
+    assert kinds == {name: layer.kind for name, layer in svf_layers(backbone)}
+    assert any(kind.endswith("depthwise shared") for kind in kinds.values())
+    x = torch.randn(1, 3, 97, 97)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, x[None], (x[0, :1] > 0).float()[None]),
+                              model(x, x[None], (x[0, :1] > 0).float()[None]), atol=1e-5)
 
 
 def test_missing_local_file_names_where_to_put_it(tmp_path, small_checkpoint):

@@ -327,6 +327,40 @@ def test_grouped_convs_are_decomposed_group_by_group_exactly(groups: int, channe
     assert svf.sv.d.grad is not None and svf.sv.d.grad.shape == (svf.rank,)
 
 
+@pytest.mark.parametrize(("groups", "channels", "kernel"), [(8, 8, 3), (4, 8, 3)])
+def test_grouped_convs_with_a_shared_basis_fold_the_filter_bank_literally(groups: int, channels: int,
+                                                                         kernel: int) -> None:
+    """``shared_basis`` decomposes the weight folded to ``Co x (Ci/g*kh*kw)`` once: rank
+    ``min(Co, Ci/g*kh*kw)`` (9 for a 3x3 depthwise conv), the matrix's singular values, exact in both
+    forms, folded and in the components; scaling one value changes every channel's filter."""
+    gen = torch.Generator().manual_seed(groups + 10)
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=groups, bias=True).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(2, channels, 7, 7, generator=gen, dtype=torch.float64)
+    svf = SVFConv2d(conv, parametrization="exp", shared_basis=True)
+    co = conv.weight.shape[0]
+    matrix = conv.weight.reshape(co, -1)
+    assert svf.rank == min(matrix.shape) and svf.kind.endswith("shared")
+    assert torch.allclose(svf.singular_values(), torch.linalg.svdvals(matrix))
+    ref = conv(x)
+    for form in ("three_layer", "recompose"):
+        svf.form = form
+        with torch.no_grad():
+            assert torch.allclose(svf(x), ref, atol=1e-10), form
+        svf.sv.d.requires_grad_(True)
+        assert torch.allclose(svf(x), ref, atol=1e-10), form
+    assert torch.allclose(svf.to_plain()(x), ref, atol=1e-10)
+    assert svf.components(x).shape == (2, svf.rank, 7, 7)
+    svf.form = "three_layer"
+    svf(x).sum().backward()
+    assert svf.sv.d.grad.shape == (svf.rank,) and svf.sv.d.grad.abs().sum() > 0
+    with torch.no_grad():
+        svf.sv.d[0] = 0.5
+    changed = (svf.to_plain().weight - conv.weight).reshape(co, -1).norm(dim=1)
+    assert (changed > 1e-6).all()
+
+
 def test_kinds_1x1_only_touches_1x1_convs() -> None:
     backbone = build_backbone("resnet50", weights=None)
     convs = {n: m.kernel_size for n, m in backbone.layer2.named_modules() if isinstance(m, nn.Conv2d)}
