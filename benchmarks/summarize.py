@@ -409,8 +409,7 @@ def adaptation_table() -> str:
             undid = f"{100 * v['share_reverted']:.0f}%" if "share_reverted" in v else "no gate"
             if v["config"].get("loss") == "auto" and data["shots"] >= 2:  # before balanced became the default
                 variant += ":loss=ce" if ":" not in variant else ",loss=ce"
-            if data.get("svf_grouped") and v["config"]["target"] == "svf":
-                variant += _grouped_label(data["svf_grouped"])
+            variant += _study_variant_suffix(data, v)
             rows.append(f"| {data['shots']} | {data['model']} | `{variant}` | {data['episodes']} | "
                         f"{v['mean_before']:.1f} | {v['mean_after']:.1f} | {v['mean_change']:+.2f} | "
                         f"{v['std_change']:.2f} | {v['se_change']:.2f} | {paired} | "
@@ -421,6 +420,12 @@ def adaptation_table() -> str:
 def _grouped_label(grouped: bool | str) -> str:
     """How a study's ``--grouped`` switch decomposed the depthwise conv, as a label suffix."""
     return " (+ depthwise, shared basis)" if grouped == "shared" else " (+ depthwise)"
+
+
+def _study_variant_suffix(study: dict, variant: dict) -> str:
+    """:func:`_grouped_label` for an ``svf`` variant of a study run with ``--grouped``, else ``""``."""
+    grouped = study.get("svf_grouped")
+    return _grouped_label(grouped) if grouped and variant["config"]["target"] == "svf" else ""
 
 
 def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
@@ -470,9 +475,7 @@ def study_against_evaluate_table() -> str:
         names = np.array([e["class"] for e in v["episodes"]])
         classes = list(dict.fromkeys(names))
         wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
-        label = f"`{variant}`" + (_grouped_label(study["svf_grouped"])
-                                  if study.get("svf_grouped") and v["config"]["target"] == "svf" else "")
-        rows.append(f"| {study['model']} | {study['shots']} | {label} | {len(svf)} ({study['seed']}) | "
+        rows.append(f"| {study['model']} | {study['shots']} | `{variant}`{_study_variant_suffix(study, v)} | {len(svf)} ({study['seed']}) | "
                     f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
                     f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
                     f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "

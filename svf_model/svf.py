@@ -225,15 +225,9 @@ class SVFConv2d(SVFLayer):
         if self.form == "recompose" or self.shared_basis:
             weight = self.recomposed_weight().reshape(self.weight_shape)
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        h = self._project(x) * self._channel_scale()[None, :, None, None]
+        h = self._project(x) * self.sv()[None, :, None, None]
         return F.conv2d(h, self.U.reshape(self.weight_shape[0], -1)[:, :, None, None], self.bias,
                         groups=self.groups)
-
-    def _channel_scale(self) -> torch.Tensor:
-        """The singular value of each channel of :meth:`_project`'s output: ``[R]``, or ``[g*R]``
-        (the ``R`` values repeated for every group) with a shared basis."""
-        s = self.sv()
-        return s.repeat(self.groups) if self.shared_basis else s
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """``V^T x`` (per group) on the padded input: ``[N, R, H', W']``, or ``[N, g*R, H', W']``
@@ -248,11 +242,11 @@ class SVFConv2d(SVFLayer):
         """Rank-R intermediate response ``s * (V^T x)``: ``[N, R, H', W']`` (for cue maps). With a
         shared basis each component answers in every group; its map is then the root mean square
         over the groups."""
-        h = self._project(self._pad(x)) * self._channel_scale()[None, :, None, None]
+        h = self._project(self._pad(x))
         if self.shared_basis:
             n, _, height, width = h.shape
             h = h.reshape(n, self.groups, self.rank, height, width).pow(2).mean(1).sqrt()
-        return h
+        return h * self.sv()[None, :, None, None]
 
     def to_plain(self) -> nn.Conv2d:
         """A plain conv (``Conv2dSame`` where the source was one) with the tuned weight."""
