@@ -475,7 +475,8 @@ def study_against_evaluate_table() -> str:
         names = np.array([e["class"] for e in v["episodes"]])
         classes = list(dict.fromkeys(names))
         wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
-        rows.append(f"| {study['model']} | {study['shots']} | `{variant}`{_study_variant_suffix(study, v)} | {len(svf)} ({study['seed']}) | "
+        label = f"`{variant}`{_study_variant_suffix(study, v)}"
+        rows.append(f"| {study['model']} | {study['shots']} | {label} | {len(svf)} ({study['seed']}) | "
                     f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
                     f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
                     f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
