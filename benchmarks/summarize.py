@@ -279,7 +279,7 @@ def _options(run: dict) -> list[str]:
     legacy = "adapt_config" not in run["config"] and run["config"]["shots"] >= 2
     if legacy and not any(o.startswith("loss=") for o in options):
         options.append("loss=ce")
-    grouped = run["config"].get("adapt_grouped")
+    grouped = _grouped_mode(run)
     if grouped:
         options.append("--adapt-grouped shared" if grouped == "shared" else "--adapt-grouped")
     return options
@@ -484,24 +484,34 @@ def study_against_evaluate_table() -> str:
     return "\n".join(rows)
 
 
-def pooled_full_against_svf(variant: str = "full:lr=0.001") -> str:
-    """Full fine-tuning against the default SVF adaptation, every paired study of :func:`_study_pairs`
-    taken together per shot count (each episode once)."""
-    rows = ["| shots | runs (model, seed) | episodes | SVF change (pts, mean +- s.e.) | full change | "
-            "full minus SVF, paired | losing > 5 pts: SVF / full |",
+def pooled_full_against_svf(variant: str = "full:lr=0.001", label: str = "full", by_split: bool = False) -> str:
+    """A study variant (by default full fine-tuning) against the default SVF adaptation, every paired
+    study of :func:`_study_pairs` taken together per shot count (each episode once); with
+    ``by_split``, the far-transfer model's studies apart from those of fss-dev's held-out classes."""
+    rows = [f"| shots | runs (model, seed) | episodes | SVF change (pts, mean +- s.e.) | {label} change | "
+            f"{label} minus SVF, paired | losing > 5 pts: SVF / {label} |",
             "|---|---|---|---|---|---|---|"]
-    pooled: dict[int, list] = {}
+    pooled: dict[tuple[int, bool], list] = {}
     seen: set[int] = set()
     for study, name, v, _, svf, other in _study_pairs():
         if name == variant and id(v) not in seen:
             seen.add(id(v))
-            pooled.setdefault(study["shots"], []).append((f"{study['model']} ({study['seed']})", svf, other))
-    for shots, parts in sorted(pooled.items()):
+            far = by_split and study["model"].startswith("far_")
+            classes = [e["class"] for e in v["episodes"]]
+            pooled.setdefault((study["shots"], far), []).append(
+                (f"{study['model']} ({study['seed']})", svf, other, classes))
+    for (shots, far), parts in sorted(pooled.items()):
         svf = np.concatenate([p[1] for p in parts])
         full = np.concatenate([p[2] for p in parts])
-        rows.append(f"| {shots} | {', '.join(p[0] for p in parts)} | {len(svf)} | {_mean_se(svf)} | "
-                    f"{_mean_se(full)} | {_mean_se(full - svf)} | "
-                    f"{100 * (svf < -5).mean():.0f}% / {100 * (full < -5).mean():.0f}% |")
+        groups = [(", ".join(p[0] for p in parts), np.ones(len(svf), bool))]
+        if by_split and not far:  # the held-out classes of fss-dev by kind (``_kind``)
+            kinds = np.array([_kind(c) for p in parts for c in p[3]])
+            order = sorted(set(kinds), key=lambda k: (not k.startswith("everyday"), k))
+            groups += [(f"the same: {k}", kinds == k) for k in order]
+        for label, m in groups:
+            rows.append(f"| {shots} | {label} | {m.sum()} | {_mean_se(svf[m])} | "
+                        f"{_mean_se(full[m])} | {_mean_se(full[m] - svf[m])} | "
+                        f"{100 * (svf[m] < -5).mean():.0f}% / {100 * (full[m] < -5).mean():.0f}% |")
     return "\n".join(rows)
 
 
@@ -597,10 +607,19 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
 GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
 
 
+def _grouped_mode(run: dict) -> str | None:
+    """The run's ``--adapt-grouped`` mode: ``None`` (off), ``"per-group"`` (recorded as ``true`` by
+    runs made before the shared-basis mode existed) or ``"shared"``."""
+    grouped = run["config"].get("adapt_grouped")
+    if not grouped:
+        return None
+    return "per-group" if grouped is True else grouped
+
+
 def _same_settings_key(run: dict) -> tuple:
     """Model, ``--adapt-set`` items, shots, seed and depthwise switch of an ``evaluate --adapt`` run."""
     cfg = run["config"]
-    return cfg["model"], cfg.get("adapt_set") or [], cfg["shots"], cfg["seed"], cfg.get("adapt_grouped", False)
+    return cfg["model"], cfg.get("adapt_set") or [], cfg["shots"], cfg["seed"], _grouped_mode(run)
 
 
 def _gate_sources() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -655,10 +674,20 @@ def gate_margin_table() -> str:
 
 def pooled_change(names: list[str]) -> str:
     """The per-episode IoU change of several ``evaluate --adapt`` runs (results/ file names) taken
-    together: episodes, mean +- s.e. and the share losing more than 5 points."""
-    d = np.concatenate([_changes(json.loads((RESULTS / n).read_text())) for n in names])
-    return (f"{' + '.join(names)}: {len(d)} episodes, change {_mean_se(d)} pts, "
-            f"{100 * (d < -5).mean():.1f}% losing > 5 pts")
+    together: episodes, mean +- s.e. and the share losing more than 5 points; then the same for each
+    kind of class (``_kind``) when every class is one of fss-dev's held-out classes."""
+    runs = [json.loads((RESULTS / n).read_text()) for n in names]
+    d = np.concatenate([_changes(r) for r in runs])
+    lines = [f"{' + '.join(names)}: {len(d)} episodes, change {_mean_se(d)} pts, "
+             f"{100 * (d < -5).mean():.1f}% losing > 5 pts"]
+    classes = [e["class"] for r in runs for e in r["episodes"]]
+    if not set(classes) & set(FAR_KINDS).difference(EVERYDAY_KINDS):
+        kinds = np.array([_kind(c) for c in classes])
+        for kind in dict.fromkeys(sorted(kinds, key=lambda k: not k.startswith("everyday"))):
+            k = d[kinds == kind]
+            lines.append(f"  {kind}: {len(k)} episodes, change {_mean_se(k)} pts, "
+                         f"{100 * (k < -5).mean():.1f}% losing > 5 pts")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
@@ -697,6 +726,8 @@ if __name__ == "__main__":
     print(study_against_evaluate_table())
     print("\n### Full fine-tuning against SVF, all paired studies together\n")
     print(pooled_full_against_svf())
+    print("\n### A smaller 1-shot step against the default SVF, all paired studies together\n")
+    print(pooled_full_against_svf("svf:lr=0.01", "lr 0.01", by_split=True))
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")
