@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +337,11 @@ def adapted_evaluation_table() -> str:
     return "\n".join(rows)
 
 
+def _has_kinds(classes: Iterable[str]) -> bool:
+    """Whether :func:`_kind` applies: every class is one of fss-dev's everyday-kind, garment or street classes."""
+    return all(c in EVERYDAY_KINDS or c.startswith(("clothing_", "street_")) for c in classes)
+
+
 def _kind(name: str) -> str:
     """The group a held-out class belongs to in ``adaptation_by_kind_table``."""
     if name in EVERYDAY_KINDS:
@@ -484,34 +489,36 @@ def study_against_evaluate_table() -> str:
     return "\n".join(rows)
 
 
-def pooled_full_against_svf(variant: str = "full:lr=0.001", label: str = "full", by_split: bool = False) -> str:
+def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "full", by_split: bool = False) -> str:
     """A study variant (by default full fine-tuning) against the default SVF adaptation, every paired
     study of :func:`_study_pairs` taken together per shot count (each episode once); with
-    ``by_split``, the far-transfer model's studies apart from those of fss-dev's held-out classes."""
+    ``by_split``, per shot count and set of held-out classes, each split by kind (``_kind``) too."""
     rows = [f"| shots | runs (model, seed) | episodes | SVF change (pts, mean +- s.e.) | {label} change | "
             f"{label} minus SVF, paired | losing > 5 pts: SVF / {label} |",
             "|---|---|---|---|---|---|---|"]
-    pooled: dict[tuple[int, bool], list] = {}
+    pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     seen: set[int] = set()
     for study, name, v, _, svf, other in _study_pairs():
         if name == variant and id(v) not in seen:
             seen.add(id(v))
-            far = by_split and study["model"].startswith("far_")
+            split = tuple(sorted(study["held_out"])) if by_split else ()
             classes = [e["class"] for e in v["episodes"]]
-            pooled.setdefault((study["shots"], far), []).append(
+            pooled.setdefault((study["shots"], split), []).append(
                 (f"{study['model']} ({study['seed']})", svf, other, classes))
-    for (shots, far), parts in sorted(pooled.items()):
+    order = sorted(pooled, key=lambda key: (key[0], not _has_kinds(key[1]), -len(key[1])))
+    for (shots, split), parts in ((key, pooled[key]) for key in order):
         svf = np.concatenate([p[1] for p in parts])
-        full = np.concatenate([p[2] for p in parts])
+        other = np.concatenate([p[2] for p in parts])
         groups = [(", ".join(p[0] for p in parts), np.ones(len(svf), bool))]
-        if by_split and not far:  # the held-out classes of fss-dev by kind (``_kind``)
+        if split and _has_kinds(split):
             kinds = np.array([_kind(c) for p in parts for c in p[3]])
             order = sorted(set(kinds), key=lambda k: (not k.startswith("everyday"), k))
-            groups += [(f"the same: {k}", kinds == k) for k in order]
-        for label, m in groups:
-            rows.append(f"| {shots} | {label} | {m.sum()} | {_mean_se(svf[m])} | "
-                        f"{_mean_se(full[m])} | {_mean_se(full[m] - svf[m])} | "
-                        f"{100 * (svf[m] < -5).mean():.0f}% / {100 * (full[m] < -5).mean():.0f}% |")
+            if len(order) > 1:
+                groups += [(f"the same: {k}", kinds == k) for k in order]
+        for runs, m in groups:
+            rows.append(f"| {shots} | {runs} | {m.sum()} | {_mean_se(svf[m])} | "
+                        f"{_mean_se(other[m])} | {_mean_se(other[m] - svf[m])} | "
+                        f"{100 * (svf[m] < -5).mean():.0f}% / {100 * (other[m] < -5).mean():.0f}% |")
     return "\n".join(rows)
 
 
@@ -675,13 +682,13 @@ def gate_margin_table() -> str:
 def pooled_change(names: list[str]) -> str:
     """The per-episode IoU change of several ``evaluate --adapt`` runs (results/ file names) taken
     together: episodes, mean +- s.e. and the share losing more than 5 points; then the same for each
-    kind of class (``_kind``) when every class is one of fss-dev's held-out classes."""
+    kind of class (``_kind``), unless the runs hold far-transfer classes (their kinds are other)."""
     runs = [json.loads((RESULTS / n).read_text()) for n in names]
     d = np.concatenate([_changes(r) for r in runs])
     lines = [f"{' + '.join(names)}: {len(d)} episodes, change {_mean_se(d)} pts, "
              f"{100 * (d < -5).mean():.1f}% losing > 5 pts"]
     classes = [e["class"] for r in runs for e in r["episodes"]]
-    if not set(classes) & set(FAR_KINDS).difference(EVERYDAY_KINDS):
+    if _has_kinds(classes):
         kinds = np.array([_kind(c) for c in classes])
         for kind in dict.fromkeys(sorted(kinds, key=lambda k: not k.startswith("everyday"))):
             k = d[kinds == kind]
@@ -725,9 +732,9 @@ if __name__ == "__main__":
     print("\n### Study variants against the default SVF adaptation on an evaluate run's episodes\n")
     print(study_against_evaluate_table())
     print("\n### Full fine-tuning against SVF, all paired studies together\n")
-    print(pooled_full_against_svf())
+    print(pooled_variant_against_svf())
     print("\n### A smaller 1-shot step against the default SVF, all paired studies together\n")
-    print(pooled_full_against_svf("svf:lr=0.01", "lr 0.01", by_split=True))
+    print(pooled_variant_against_svf("svf:lr=0.01", "lr 0.01", by_split=True))
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")
