@@ -342,6 +342,11 @@ def _has_kinds(classes: Iterable[str]) -> bool:
     return all(c in EVERYDAY_KINDS or c.startswith(("clothing_", "street_")) for c in classes)
 
 
+def _kind_order(kinds: Iterable[str]) -> list[str]:
+    """The distinct kinds of ``kinds``, the everyday kinds first, the others in order of appearance."""
+    return list(dict.fromkeys(sorted(kinds, key=lambda k: not k.startswith("everyday"))))
+
+
 def _kind(name: str) -> str:
     """The group a held-out class belongs to in ``adaptation_by_kind_table``."""
     if name in EVERYDAY_KINDS:
@@ -367,7 +372,7 @@ def adaptation_by_kind_table() -> str:
         change = _changes(r)
         classes = np.array([e["class"] for e in r["episodes"]])
         kinds = np.array([_kind(c) for c in classes])
-        for kind in dict.fromkeys(sorted(kinds, key=lambda k: not k.startswith("everyday"))):
+        for kind in _kind_order(kinds):
             d, names = change[kinds == kind], classes[kinds == kind]
             per_class = np.array([d[names == c].mean() for c in dict.fromkeys(names)])
             rows.append(f"| `{name}` | {model} | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {kind} "
@@ -497,24 +502,23 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
             f"{label} minus SVF, paired | losing > 5 pts: SVF / {label} |",
             "|---|---|---|---|---|---|---|"]
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
-    seen: set[int] = set()
+    seen: dict[int, dict] = {}  # holds each counted variant, so that a freed one's id cannot be reused
     for study, name, v, _, svf, other in _study_pairs():
         if name == variant and id(v) not in seen:
-            seen.add(id(v))
+            seen[id(v)] = v
             split = tuple(sorted(study["held_out"])) if by_split else ()
             classes = [e["class"] for e in v["episodes"]]
             pooled.setdefault((study["shots"], split), []).append(
                 (f"{study['model']} ({study['seed']})", svf, other, classes))
-    order = sorted(pooled, key=lambda key: (key[0], not _has_kinds(key[1]), -len(key[1])))
-    for (shots, split), parts in ((key, pooled[key]) for key in order):
+    for shots, split in sorted(pooled, key=lambda key: (key[0], not _has_kinds(key[1]), -len(key[1]))):
+        parts = pooled[shots, split]
         svf = np.concatenate([p[1] for p in parts])
         other = np.concatenate([p[2] for p in parts])
         groups = [(", ".join(p[0] for p in parts), np.ones(len(svf), bool))]
         if split and _has_kinds(split):
             kinds = np.array([_kind(c) for p in parts for c in p[3]])
-            order = sorted(set(kinds), key=lambda k: (not k.startswith("everyday"), k))
-            if len(order) > 1:
-                groups += [(f"the same: {k}", kinds == k) for k in order]
+            if len(set(kinds)) > 1:
+                groups += [(f"the same: {k}", kinds == k) for k in _kind_order(kinds)]
         for runs, m in groups:
             rows.append(f"| {shots} | {runs} | {m.sum()} | {_mean_se(svf[m])} | "
                         f"{_mean_se(other[m])} | {_mean_se(other[m] - svf[m])} | "
@@ -690,7 +694,7 @@ def pooled_change(names: list[str]) -> str:
     classes = [e["class"] for r in runs for e in r["episodes"]]
     if _has_kinds(classes):
         kinds = np.array([_kind(c) for c in classes])
-        for kind in dict.fromkeys(sorted(kinds, key=lambda k: not k.startswith("everyday"))):
+        for kind in _kind_order(kinds):
             k = d[kinds == kind]
             lines.append(f"  {kind}: {len(k)} episodes, change {_mean_se(k)} pts, "
                          f"{100 * (k < -5).mean():.1f}% losing > 5 pts")
