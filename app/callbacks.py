@@ -262,13 +262,15 @@ class Callbacks:
 
     # -- adaptation -------------------------------------------------------------------------------
     @user_errors
-    def adapt(self, session: Session | None, queries: Any, steps: float, lr: float, gate: bool = True):
+    def adapt(self, session: Session | None, queries: Any, steps: float, lr: float | None, gate: bool = True):
+        """``lr`` 0 or None: the default step for the number of shots."""
         session = self.session(session)
-        config = session.adapt_config(int(steps), float(lr), bool(gate))
+        lr = float(lr or 0)
+        if not lr >= 0:
+            raise InputError("the learning rate must be positive (or 0 for the default step)")
+        config = session.adapt_config(int(steps), lr, bool(gate))
         if config.steps < 1:
             raise InputError("set at least 1 adaptation step")
-        if not lr > 0:
-            raise InputError("the learning rate must be positive")
         loaded = self._queries(queries)
         session.sync()  # no shots -> clear message before anything starts
         skip = (gr.skip(),) * (N_RESULTS + 1 + N_CUES + 1)
@@ -430,7 +432,8 @@ class Callbacks:
             result = predictor.adapt(config)
             timings["adapt"] = result.seconds
             info["adapt"] = {"steps": result.steps, "losses": [round(x, 5) for x in result.losses],
-                             "out_of_time": result.out_of_time, "skipped": result.skipped, **result.gate_fields()}
+                             "out_of_time": result.out_of_time, "skipped": result.skipped, "lr": result.lr,
+                             **result.gate_fields()}
             info["layers"] = [
                 {"layer": c.label, "score": round(c.score, 6),
                  "rising": [[i, round(v, 5)] for i, v in c.top(5, rising=True)],

@@ -237,10 +237,11 @@ class Session:
         return [self.predictor.predict(q.image) for q in self.queries]
 
     def adapt_config(self, steps: int | None = None, lr: float | None = None, gate: bool = True) -> AdaptConfig:
+        """The Adapt button's settings; ``lr`` 0 or None: the default step for the number of shots."""
         config = AdaptConfig(gate="support" if gate else "off")
         if steps is not None:
             config.steps = int(steps)
-        if lr is not None:
+        if lr:  # 0 or None: the default step for the number of shots (AdaptConfig.step_size)
             config.lr = float(lr)
         if config.image_size is not None:
             config.image_size = min(config.image_size, self.loaded.image_size)
@@ -254,7 +255,7 @@ class Session:
         self.sync()
         result = self.predictor.adapt(config, progress=progress, should_stop=self.stop.is_set)
         if not (result.cancelled or result.skipped or result.reverted):
-            self.adapt_info = f"{result.steps} steps on {len(self.shots)} shot(s)"
+            self.adapt_info = f"{result.steps} steps on {len(self.shots)} shot(s), lr {result.lr:g}"
         return result
 
     def reset(self) -> None:

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name, size = entry.name, args.size or entry.image_size
     held_out = args.classes or split_classes(list_classes(args.data), 0.2, 0)[1]
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)
-    variants = [parse_variant(v) for v in args.variants]
+    variants = [(name, config.resolved(args.shots)) for name, config in map(parse_variant, args.variants)]
     predictor = Predictor(model, image_size=size, model_name=model_name)
     rows: dict[str, list[dict]] = {name: [] for name, _ in variants}
     start = time.perf_counter()

@@ -110,7 +110,7 @@ def main() -> None:
             client.predict(editor(photo), handle_file(mask), api_name="/add_shot")
         t = time.perf_counter()
         defaults = AdaptConfig()  # what the page's Adapt button starts with
-        out = client.predict(queries, defaults.steps, defaults.lr, defaults.gate == "support", api_name="/adapt")
+        out = client.predict(queries, defaults.steps, defaults.lr or 0, defaults.gate == "support", api_name="/adapt")
         adapt_event = time.perf_counter() - t
         status = out[-1]
         t = time.perf_counter()

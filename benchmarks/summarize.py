@@ -171,10 +171,10 @@ def far_adaptation_table() -> str:
     """``evaluate --adapt`` runs of the far-transfer split's shipped-recipe model on its 19 held-out
     classes (``far_adapt_*.json``): the per-episode change, overall and by kind (``FAR_KINDS``)."""
     kinds = FAR_KIND_NAMES
-    rows = ["| shots | episodes (seed) | mIoU before -> after | change (pts, mean +- s.e.) | losing > 5 pts | "
+    rows = ["| shots | lr | episodes (seed) | mIoU before -> after | change (pts, mean +- s.e.) | losing > 5 pts | "
             "gaining > 5 pts | gate undid | classes gaining on average | "
             + " | ".join(kinds.values()) + " | adaptation s (median / p90) |",
-            "|---|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
     for r in _far_adapt_runs():
         d = _changes(r)
         classes = np.array([e["class"] for e in r["episodes"]])
@@ -182,7 +182,8 @@ def far_adaptation_table() -> str:
         by_kind = [_mean_se(d[np.array([FAR_KINDS[c] == k for c in classes])]) for k in kinds]
         undone = np.mean([e["reverted"] for e in r["episodes"]])
         sec = r["adapt_seconds"]
-        rows.append(f"| {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {r['miou_before']:.1f} -> "
+        rows.append(f"| {r['config']['shots']} | {run_lr(r):g} | {len(d)} ({r['config']['seed']}) | "
+                    f"{r['miou_before']:.1f} -> "
                     f"{r['miou']:.1f} | {_mean_se(d)} | {100 * (d < -5).mean():.1f}% | {100 * (d > 5).mean():.1f}% "
                     f"| {100 * undone:.0f}% | {(per_class > 0).sum()} of {len(per_class)} | " + " | ".join(by_kind)
                     + f" | {sec['median']:.1f} / {sec['p90']:.1f} |")
@@ -261,9 +262,31 @@ def _far_adapt_runs() -> list[dict]:
 
 
 def _runs_with_default_svf() -> list[dict]:
-    """The ``evaluate --adapt`` runs with the default SVF adaptation (``eval_adapt_*.json`` whose options
-    restate the defaults, then ``far_adapt_*.json``): what the study variants are paired with."""
-    return [r for r in _adapt_runs().values() if set(_options(r)) <= DEFAULT_OPTIONS] + _far_adapt_runs()
+    """The ``evaluate --adapt`` runs of SVF adaptation with the defaults, the step aside
+    (``eval_adapt_*.json`` whose options restate the defaults or set only ``lr``, then
+    ``far_adapt_*.json``): what the study variants are paired with."""
+    return [r for r in _adapt_runs().values() if _defaults_but_step(r)] + _far_adapt_runs()
+
+
+def _defaults_but_step(run: dict) -> bool:
+    """Whether the run's options (:func:`_options`) restate the defaults, its learning rate aside."""
+    return {o for o in _options(run) if not o.startswith("lr=")} <= DEFAULT_OPTIONS
+
+
+def default_lr(shots: int) -> float:
+    """``AdaptConfig.step_size``'s default: 0.01 with one shot, 0.03 with more (before 2026-12-05
+    it was 0.03 at every shot count; every run in results/ since 2026-11-21 used 0.03 unless set)."""
+    return 0.01 if shots == 1 else 0.03
+
+
+def run_lr(run: dict) -> float:
+    """The learning rate an ``evaluate --adapt`` run adapted with: the ``lr`` it recorded in
+    ``adapt_config``, else its ``--adapt-set lr=``, else 0.03 (runs before ``adapt_config`` was recorded)."""
+    recorded = (run["config"].get("adapt_config") or {}).get("lr")
+    if recorded is not None:
+        return float(recorded)
+    items = [o.partition("=")[2] for o in run["config"].get("adapt_set") or [] if o.startswith("lr=")]
+    return float(items[-1]) if items else 0.03
 
 
 def _changes(run: dict) -> np.ndarray:
@@ -274,8 +297,11 @@ def _changes(run: dict) -> np.ndarray:
 def _options(run: dict) -> list[str]:
     """The run's ``--adapt-set`` items; for runs made before the loss default became ``balanced``
     (they do not record ``adapt_config``), the ``loss=ce`` that their ``loss="auto"`` meant with
-    2 or more shots."""
-    options = list(run["config"].get("adapt_set") or [])
+    2 or more shots; ``lr=`` (:func:`run_lr`) only where it is not today's default for the run's
+    number of shots (1-shot runs before 2026-12-05: ``lr=0.03``)."""
+    options = [o for o in run["config"].get("adapt_set") or [] if not o.startswith("lr=")]
+    if run_lr(run) != default_lr(run["config"]["shots"]):
+        options.append(f"lr={run_lr(run):g}")
     legacy = "adapt_config" not in run["config"] and run["config"]["shots"] >= 2
     if legacy and not any(o.startswith("loss=") for o in options):
         options.append("loss=ce")
@@ -361,12 +387,12 @@ def adaptation_by_kind_table() -> str:
     """``evaluate --adapt`` runs of the shipped model (and its 2+-shot computation) with the
     defaults, their per-episode IoU change split by the kind of class (``_kind``), also averaged
     class by class (the s.e. over classes: how much the mean depends on which classes were drawn)."""
-    rows = ["| run | model | shots | episodes (seed) | classes | change (pts, mean +- s.e.) | losing > 5 pts | "
+    rows = ["| run | model | shots | lr | episodes (seed) | classes | change (pts, mean +- s.e.) | losing > 5 pts | "
             "gaining > 5 pts | classes gaining on average | mean of the class means +- s.e. over classes |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in _adapt_runs().items():
         model = r["config"]["model"]
-        defaults = set(_options(r)) <= DEFAULT_OPTIONS and "reverted" in r["episodes"][0]
+        defaults = _defaults_but_step(r) and "reverted" in r["episodes"][0]
         if model not in ("refine-dual-svf-lite2", "refine-svf-lite2") or not defaults:
             continue
         change = _changes(r)
@@ -375,7 +401,8 @@ def adaptation_by_kind_table() -> str:
         for kind in _kind_order(kinds):
             d, names = change[kinds == kind], classes[kinds == kind]
             per_class = np.array([d[names == c].mean() for c in dict.fromkeys(names)])
-            rows.append(f"| `{name}` | {model} | {r['config']['shots']} | {len(d)} ({r['config']['seed']}) | {kind} "
+            rows.append(f"| `{name}` | {model} | {r['config']['shots']} | {run_lr(r):g} | {len(d)} "
+                        f"({r['config']['seed']}) | {kind} "
                         f"| {_mean_se(d)} | {100 * (d < -5).mean():.1f}% | {100 * (d > 5).mean():.1f}% "
                         f"| {(per_class > 0).sum()} of {len(per_class)} | {_mean_se(per_class)} |")
     return "\n".join(rows)
@@ -477,52 +504,86 @@ def study_against_evaluate_table() -> str:
     """The variants of ``adapt_study`` files (``bn``, ``full``, SVF with other settings) run on the
     episodes of an ``evaluate --adapt`` run with the defaults (SVF), paired episode by episode
     (:func:`_study_pairs`): the default SVF run does not have to be repeated inside the study."""
-    rows = ["| model | shots | variant | episodes (seed) | SVF change (pts, mean +- s.e.) | variant change | "
+    rows = ["| model | shots | variant | episodes (seed) | SVF lr | SVF change (pts, mean +- s.e.) | variant change | "
             "variant minus SVF, paired | losing > 5 pts: SVF / variant | classes where the variant gains more | "
             "median s: SVF (whole run) / variant |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for study, variant, v, run, svf, other in _study_pairs():
         names = np.array([e["class"] for e in v["episodes"]])
         classes = list(dict.fromkeys(names))
         wins = sum(other[names == c].mean() > svf[names == c].mean() for c in classes)
         label = f"`{variant}`{_study_variant_suffix(study, v)}"
         rows.append(f"| {study['model']} | {study['shots']} | {label} | {len(svf)} ({study['seed']}) | "
-                    f"{_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
+                    f"{run_lr(run):g} | {_mean_se(svf)} | {_mean_se(other)} | {_mean_se(other - svf)} | "
                     f"{100 * (svf < -5).mean():.0f}% / {100 * (other < -5).mean():.0f}% | "
                     f"{wins} of {len(classes)} | {run['adapt_seconds']['median']:.1f} / "
                     f"{v['seconds']['median']:.1f} |")
     return "\n".join(rows)
 
 
-def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "full", by_split: bool = False) -> str:
-    """A study variant (by default full fine-tuning) against the default SVF adaptation, every paired
-    study of :func:`_study_pairs` taken together per shot count (each episode once); with
-    ``by_split``, per shot count and set of held-out classes, each split by kind (``_kind``) too."""
-    rows = [f"| shots | runs (model, seed) | episodes | SVF change (pts, mean +- s.e.) | {label} change | "
-            f"{label} minus SVF, paired | losing > 5 pts: SVF / {label} |",
-            "|---|---|---|---|---|---|---|"]
+def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "full") -> str:
+    """A study variant (by default full fine-tuning) against SVF adaptation with today's defaults,
+    every paired study of :func:`_study_pairs` taken together per shot count. SVF's changes are the
+    evaluate run's where it used today's step (:func:`default_lr`), else those of an ``svf:lr=`` study
+    variant at that step on the same run's episodes (only the episodes both studies ran count)."""
+    by_run: dict[int, tuple[dict, dict, list]] = {}  # holds the runs, so that an id cannot be reused
+    for study, name, v, run, _, other in _study_pairs():
+        by_run.setdefault(id(run), (run, study, []))[2].append((name, other, v))
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
-    seen: dict[int, dict] = {}  # holds each counted variant, so that a freed one's id cannot be reused
-    for study, name, v, _, svf, other in _study_pairs():
-        if name == variant and id(v) not in seen:
+    for run, study, variants in by_run.values():
+        shots = study["shots"]
+        step = default_lr(shots)
+        svf = _changes(run) if run_lr(run) == step else next(
+            (c for name, c, _ in variants if name == f"svf:lr={step:g}"), None)
+        for name, other, v in variants:
+            if name == variant and svf is not None:
+                n = min(len(svf), len(other))
+                pooled.setdefault((shots, ()), []).append(
+                    (f"{study['model']} ({study['seed']})", svf[:n], other[:n], _classes(v)[:n]))
+    return _pooled_table(pooled, "SVF", label)
+
+
+def one_shot_step_table() -> str:
+    """1 shot: SVF at lr 0.01 (today's default) against lr 0.03 (the default before 2026-12-05) on
+    the same episodes, every paired study of :func:`_study_pairs` taken together (``svf:lr=0.01``
+    studies of lr-0.03 runs and ``svf:lr=0.03`` studies of lr-0.01 runs), per set of held-out
+    classes, each split by kind (``_kind``) too."""
+    pooled: dict[tuple[int, tuple[str, ...]], list] = {}
+    seen: dict[int, dict] = {}
+    for study, name, v, run, svf, other in _study_pairs():
+        if study["shots"] != 1 or id(v) in seen:
+            continue
+        pair = {("svf:lr=0.01", 0.03): (svf, other), ("svf:lr=0.03", 0.01): (other, svf)}.get((name, run_lr(run)))
+        if pair is not None:
             seen[id(v)] = v
-            split = tuple(sorted(study["held_out"])) if by_split else ()
-            classes = [e["class"] for e in v["episodes"]]
-            pooled.setdefault((study["shots"], split), []).append(
-                (f"{study['model']} ({study['seed']})", svf, other, classes))
+            pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
+                (f"{study['model']} ({study['seed']})", *pair, _classes(v)))
+    return _pooled_table(pooled, "lr 0.03", "lr 0.01")
+
+
+def _classes(variant: dict) -> list[str]:
+    return [e["class"] for e in variant["episodes"]]
+
+
+def _pooled_table(pooled: dict[tuple[int, tuple[str, ...]], list], first: str, second: str) -> str:
+    """``{(shots, held-out classes or ()): [(run label, first's change, second's change, classes)]}``
+    -> one row per key, and per kind where the classes are fss-dev's of several kinds."""
+    rows = [f"| shots | runs (model, seed) | episodes | {first} change (pts, mean +- s.e.) | {second} change | "
+            f"{second} minus {first}, paired | losing > 5 pts: {first} / {second} |",
+            "|---|---|---|---|---|---|---|"]
     for shots, split in sorted(pooled, key=lambda key: (key[0], not _has_kinds(key[1]), -len(key[1]))):
         parts = pooled[shots, split]
-        svf = np.concatenate([p[1] for p in parts])
-        other = np.concatenate([p[2] for p in parts])
-        groups = [(", ".join(p[0] for p in parts), np.ones(len(svf), bool))]
+        a = np.concatenate([p[1] for p in parts])
+        b = np.concatenate([p[2] for p in parts])
+        groups = [(", ".join(p[0] for p in parts), np.ones(len(a), bool))]
         if split and _has_kinds(split):
             kinds = np.array([_kind(c) for p in parts for c in p[3]])
             if len(set(kinds)) > 1:
                 groups += [(f"the same: {k}", kinds == k) for k in _kind_order(kinds)]
         for runs, m in groups:
-            rows.append(f"| {shots} | {runs} | {m.sum()} | {_mean_se(svf[m])} | "
-                        f"{_mean_se(other[m])} | {_mean_se(other[m] - svf[m])} | "
-                        f"{100 * (svf[m] < -5).mean():.0f}% / {100 * (other[m] < -5).mean():.0f}% |")
+            rows.append(f"| {shots} | {runs} | {m.sum()} | {_mean_se(a[m])} | "
+                        f"{_mean_se(b[m])} | {_mean_se(b[m] - a[m])} | "
+                        f"{100 * (a[m] < -5).mean():.0f}% / {100 * (b[m] < -5).mean():.0f}% |")
     return "\n".join(rows)
 
 
@@ -735,10 +796,10 @@ if __name__ == "__main__":
     print(adaptation_by_kind_table())
     print("\n### Study variants against the default SVF adaptation on an evaluate run's episodes\n")
     print(study_against_evaluate_table())
-    print("\n### Full fine-tuning against SVF, all paired studies together\n")
+    print("\n### Full fine-tuning against SVF with the default step, all paired studies together\n")
     print(pooled_variant_against_svf())
-    print("\n### A smaller 1-shot step against the default SVF, all paired studies together\n")
-    print(pooled_variant_against_svf("svf:lr=0.01", "lr 0.01", by_split=True))
+    print("\n### The 1-shot step: lr 0.01 (the default) against lr 0.03, all paired studies together\n")
+    print(one_shot_step_table())
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")

@@ -14,7 +14,9 @@ The head and everything else stay frozen; BatchNorms are frozen by :func:`svf_mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,8 @@ ONE_SHOT_MESSAGE = (
     "points, 15 % of them lost more than 5; refine-svf-lite2 with the support gate, 300 episodes: +0.6, "
     "s.e. 0.5). Add another shot and adapt again."
 )
+ONE_SHOT_LR = 0.01  # AdaptConfig.lr's default with one shot (adaptation against augmented views)
+LEAVE_ONE_OUT_LR = 0.03  # and with two or more shots (leave-one-out episodes)
 
 
 @dataclass
@@ -44,12 +48,15 @@ class AdaptConfig:
         steps: optimiser steps. With the shipped default model 30 instead of 10 made more episodes
             lose more than 5 IoU points at 1 shot (25 % against 13 %) and at 5 shots (README).
         lr: step size on ``d`` (``s = s0 exp(d)``); for the ``direct`` parametrisation it is scaled by
-            each layer's mean singular value, so it is a relative step in both cases. 0.03 was chosen
-            on held-out fss-dev classes (benchmarks/adapt_study.py): 0.1 gained a little more on
-            average but made 8 % of 5-shot episodes lose more than 5 IoU points, 0.03 none. With the
-            shipped default model at 1 shot, 0.01 gained more on fss-dev's 15 held-out classes
-            (+0.5 against +0.0 over 1,000 paired episodes, fewer losses) and half as much on kinds
-            the recipe never saw (+0.5 against +1.1; README, "A smaller 1-shot step").
+            each layer's mean singular value, so it is a relative step in both cases. ``None`` (the
+            default): :data:`ONE_SHOT_LR` with one shot, :data:`LEAVE_ONE_OUT_LR` with two or more
+            (:meth:`step_size`), both chosen on held-out fss-dev classes (benchmarks/adapt_study.py).
+            From 2 shots, 0.1 gained a little more on average than 0.03 but made 8 % of 5-shot
+            episodes lose more than 5 IoU points, 0.03 none. With the shipped default model at 1 shot,
+            0.01 gained more than 0.03 on fss-dev's 15 held-out classes (+0.5 against +0.0 over 1,000
+            paired episodes, fewer losses; a fresh set of 300 then confirmed it: paired +0.5 +- 0.3)
+            and half as much on kinds the recipe never saw (+0.5 against +1.1; README, "The 1-shot
+            step").
         image_size: side the supports are resized to while adapting (smaller is faster).
         time_budget_s: stop early after this many seconds (``None``: no limit).
         seed: seeds the augmentations and anything random.
@@ -58,11 +65,11 @@ class AdaptConfig:
         view_grayscale: probability that a 1-shot view is turned grey.
         one_shot: ``"views"`` (1 shot: adapt against augmented views of the shot, with the support
             gate checking on fresh views) or ``"skip"`` (do nothing and say why). With the shipped
-            default model and the gate, 1,620 held-out 1-shot episodes of fss-dev's 15 classes changed
-            by +0.1 IoU points (s.e. 0.19; 12 % lost more than 5): +1.2 (s.e. 0.22) on its animal,
-            vehicle and pedestrian classes, losses on garments and road/fence; on 19 kinds the
-            recipe never saw (far-transfer split) +1.1 (s.e. 0.27, 500 episodes). It is on for
-            those kinds, which are what the app is for (README, "Adaptation").
+            default model, the gate and the 1-shot step lr 0.01, 1,300 held-out 1-shot episodes of
+            fss-dev's 15 classes changed by +0.5 IoU points (s.e. 0.14; 8 % lost more than 5), every
+            kind of class gaining (animals, vehicles and pedestrians +0.6, garments +0.3,
+            road/fence +0.9); on 19 kinds the recipe never saw (far-transfer split) +0.5 (s.e.
+            0.25, 300 episodes) (README, "Adaptation").
         optimizer: ``"layer_sgd"`` (gradient descent with each layer's gradient scaled to unit RMS:
             a scale-free step that keeps the relative sizes of the changes within a layer, which the
             cue panel shows) or ``"adam"`` (per-value normalisation: every value moves by about
@@ -96,7 +103,7 @@ class AdaptConfig:
     """
 
     steps: int = 10
-    lr: float = 0.03
+    lr: float | None = None
     image_size: int | None = 321
     time_budget_s: float | None = 60.0
     seed: int = 0
@@ -112,6 +119,17 @@ class AdaptConfig:
     gate: str = "support"
     gate_margin: float = 0.0
 
+    def step_size(self, shots: int) -> float:
+        """The learning rate used with ``shots`` supports: ``lr``, or by default :data:`ONE_SHOT_LR` with
+        one shot and :data:`LEAVE_ONE_OUT_LR` with more."""
+        if self.lr is not None:
+            return self.lr
+        return ONE_SHOT_LR if shots == 1 else LEAVE_ONE_OUT_LR
+
+    def resolved(self, shots: int) -> AdaptConfig:
+        """A copy with ``lr`` set to :meth:`step_size` for ``shots`` supports (what runs record)."""
+        return dataclasses.replace(self, lr=self.step_size(shots))
+
 
 def parse_config_options(items: Sequence[str]) -> dict[str, Any]:
     """``["lr=0.01", "one_shot=views", "modules=layer4+layer3.5"]`` -> :class:`AdaptConfig` keyword
@@ -120,26 +138,33 @@ def parse_config_options(items: Sequence[str]) -> dict[str, Any]:
     Raises:
         ValueError: an item that is not ``KEY=VALUE`` with an AdaptConfig field as ``KEY``.
     """
-    defaults = AdaptConfig()
+    kinds = {f.name: _value_type(f.name) for f in dataclasses.fields(AdaptConfig)}
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not hasattr(defaults, key):
+        if not sep or key not in kinds:
             raise ValueError(f"{item!r}: expected KEY=VALUE with an AdaptConfig field as KEY")
-        default = getattr(defaults, key)
+        kind = kinds[key]
         if value.lower() == "none":
             options[key] = None
         elif key == "modules":
             options[key] = value.split("+")
-        elif isinstance(default, bool):
+        elif kind is bool:
             options[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
+        elif kind is int:
             options[key] = int(float(value))
-        elif isinstance(default, float):
+        elif kind is float:
             options[key] = float(value)
         else:
             options[key] = value
     return options
+
+
+def _value_type(name: str) -> type:
+    """The type an :class:`AdaptConfig` field holds when it is not None (``float | None`` -> float)."""
+    hint = typing.get_type_hints(AdaptConfig)[name]
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    return typing.get_origin(kinds[0]) or kinds[0]
 
 
 class LayerNormalizedSGD(torch.optim.Optimizer):
@@ -182,6 +207,7 @@ class AdaptResult:
     support_iou_before: float | None = None  # gate scores (``AdaptConfig.gate``), IoU 0..1
     support_iou_after: float | None = None
     reverted: bool = False  # the gate restored the singular values
+    lr: float | None = None  # the learning rate used (AdaptConfig.step_size)
 
     def gate_fields(self) -> dict[str, Any]:
         """``{"reverted", "support_iou_before", "support_iou_after"}`` for reports (scores None without a gate)."""
@@ -394,6 +420,7 @@ def adapt_svf(
     """
     start = time.perf_counter()
     k = supports.shape[0]
+    config = config.resolved(k)
     if k == 1 and config.one_shot == "skip":
         return AdaptResult(0, 0.0, skipped=ONE_SHOT_MESSAGE)
     torch.manual_seed(config.seed)
@@ -417,7 +444,7 @@ def adapt_svf(
         raise ValueError(f"loss must be balanced or ce, got {config.loss!r}")
     was_training = model.training
     model.eval()
-    result = AdaptResult(0, 0.0)
+    result = AdaptResult(0, 0.0, lr=config.lr)
     trainer = _only_singular_values_train if config.target == "svf" else _baseline_target(config.target)
     objective = adaptation_objective(model, config.objective)
     with trainer(model, config.modules) as params, model.backbone.memoize():

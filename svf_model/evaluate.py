@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from .adapt import AdaptConfig
 
         steps = {} if args.adapt_steps is None else {"steps": args.adapt_steps}
-        config["adapt_config"] = dataclasses.asdict(AdaptConfig(**{**adapt_options, **steps}))
+        config["adapt_config"] = dataclasses.asdict(AdaptConfig(**{**adapt_options, **steps}).resolved(args.shots))
     result = evaluate(predictor, episodes, adapt=args.adapt, adapt_steps=args.adapt_steps,
                       adapt_options=adapt_options,
                       progress=not args.quiet, relpath=source.relpath, config=config,

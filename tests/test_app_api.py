@@ -142,7 +142,7 @@ def test_sessions_keep_their_own_shots_and_adaptation(server, horse):
     assert "**Segmenting with** prototypes (low-shot values) ·" in status_b  # the default model, 1 shot
     assert np.asarray(Image.open(files[0])).shape == _gt(horse[4][1]).shape
     progress, overlays, heats, files, svf, layer, plot, rising, falling, status_a = job.result(timeout=300)
-    assert 'data-step="3"' in progress and "**Adapted** yes (3 steps on 2 shot(s))" in status_a
+    assert 'data-step="3"' in progress and "**Adapted** yes (3 steps on 2 shot(s), lr 0.01)" in status_a
     assert "shots' cross-check IoU" in status_a  # 2 shots: the fallback's check decided
     assert len(overlays) == len(heats) == 1 and len(files) == 1 and Path(svf).suffix == ".safetensors"
     assert rising and falling and rising[0]["caption"].startswith("#") and "%" in rising[0]["caption"]
@@ -177,6 +177,8 @@ def test_stateful_events_give_messages(server, horse, tmp_path):
         c.predict(queries, api_name="/segment")
     with pytest.raises(AppError, match="no support shots"):
         c.predict(queries, 2, 0.01, True, api_name="/adapt")
+    with pytest.raises(AppError, match="less than minimum value 0"):  # 0 is the default step, below is refused
+        c.predict(queries, 2, -0.1, True, api_name="/adapt")
     with pytest.raises(AppError, match="upload a support photo"):
         c.predict(None, handle_file(horse[0][1]), api_name="/add_shot")
     with pytest.raises(AppError, match="nothing painted"):

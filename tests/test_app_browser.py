@@ -129,7 +129,8 @@ def test_paint_segment_adapt_and_cues_in_chromium(server, browser, fss_dev):
     expect(page.locator("#adapt-progress")).to_contain_text(re.compile(r"step [1-9]\d*/60"))
     page.locator("#stop-btn").click()
     expect(page.locator("#adapt-progress")).to_contain_text("stopped")
-    expect(page.locator("#status")).to_contain_text("Adapted yes (10 steps on 2 shot(s))")
+    # The step field at 0: the default step for 2 shots.
+    expect(page.locator("#status")).to_contain_text("Adapted yes (10 steps on 2 shot(s), lr 0.03)")
 
     # Select the first shot and remove it; reset to the pretrained values.
     page.locator("#shots-gallery img").first.click()

@@ -219,12 +219,12 @@ def test_tiny_training_runs_resumes_and_evaluates(fss_dev, tmp_path):
     out = tmp_path / "eval.json"
     evaluate_main(["--checkpoint", str(run_a / "model.safetensors"), "--data", str(fss_dev), "--classes",
                    "video_cows", "street_sky", "--shots", "2", "--episodes", "2", "--json", str(out), "--quiet",
-                   "--adapt", "--adapt-steps", "1", "--adapt-set", "lr=0.02", "image_size=97"])
+                   "--adapt", "--adapt-steps", "1", "--adapt-set", "image_size=97"])
     report = json.loads(out.read_text())
     assert report["config"]["size"] == 97 and len(report["episodes"]) == 2
     assert all("iou_before" in e and "support_iou_before" in e for e in report["episodes"])
     used = report["config"]["adapt_config"]  # every AdaptConfig field, options and defaults resolved
-    assert (used["steps"], used["lr"], used["image_size"]) == (1, 0.02, 97)
+    assert (used["steps"], used["lr"], used["image_size"]) == (1, AdaptConfig().step_size(2), 97)
     assert used["loss"] == AdaptConfig().loss and used["gate"] == AdaptConfig().gate
 
 
