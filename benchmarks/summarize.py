@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from svf_model.adapt import LEAVE_ONE_OUT_LR, ONE_SHOT_LR, AdaptConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -274,14 +278,14 @@ def _defaults_but_step(run: dict) -> bool:
 
 
 def default_lr(shots: int) -> float:
-    """``AdaptConfig.step_size``'s default: 0.01 with one shot, 0.03 with more (before 2026-12-05
-    it was 0.03 at every shot count; every run in results/ since 2026-11-21 used 0.03 unless set)."""
-    return 0.01 if shots == 1 else 0.03
+    """Today's default step for ``shots`` supports (``AdaptConfig.step_size``)."""
+    return AdaptConfig().step_size(shots)
 
 
 def run_lr(run: dict) -> float:
     """The learning rate an ``evaluate --adapt`` run adapted with: the ``lr`` it recorded in
-    ``adapt_config``, else its ``--adapt-set lr=``, else 0.03 (runs before ``adapt_config`` was recorded)."""
+    ``adapt_config``, else its ``--adapt-set lr=``, else 0.03 (the default at every shot count from
+    2026-11-21, before any run recorded ``adapt_config``, until 1 shot's became 0.01 on 2026-12-05)."""
     recorded = (run["config"].get("adapt_config") or {}).get("lr")
     if recorded is not None:
         return float(recorded)
@@ -300,8 +304,9 @@ def _options(run: dict) -> list[str]:
     2 or more shots; ``lr=`` (:func:`run_lr`) only where it is not today's default for the run's
     number of shots (1-shot runs before 2026-12-05: ``lr=0.03``)."""
     options = [o for o in run["config"].get("adapt_set") or [] if not o.startswith("lr=")]
-    if run_lr(run) != default_lr(run["config"]["shots"]):
-        options.append(f"lr={run_lr(run):g}")
+    lr = run_lr(run)
+    if lr != default_lr(run["config"]["shots"]):
+        options.append(f"lr={lr:g}")
     legacy = "adapt_config" not in run["config"] and run["config"]["shots"] >= 2
     if legacy and not any(o.startswith("loss=") for o in options):
         options.append("loss=ce")
@@ -544,21 +549,23 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
 
 
 def one_shot_step_table() -> str:
-    """1 shot: SVF at lr 0.01 (today's default) against lr 0.03 (the default before 2026-12-05) on
-    the same episodes, every paired study of :func:`_study_pairs` taken together (``svf:lr=0.01``
-    studies of lr-0.03 runs and ``svf:lr=0.03`` studies of lr-0.01 runs), per set of held-out
-    classes, each split by kind (``_kind``) too."""
+    """1 shot: SVF at ``ONE_SHOT_LR`` (0.01, today's default) against ``LEAVE_ONE_OUT_LR`` (0.03, the
+    1-shot default before 2026-12-05) on the same episodes, every paired study of :func:`_study_pairs`
+    taken together (``svf:lr=0.01`` studies of lr-0.03 runs and ``svf:lr=0.03`` studies of lr-0.01
+    runs), per set of held-out classes, each split by kind (``_kind``) too."""
+    small, large = ONE_SHOT_LR, LEAVE_ONE_OUT_LR
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     seen: dict[int, dict] = {}
     for study, name, v, run, svf, other in _study_pairs():
         if study["shots"] != 1 or id(v) in seen:
             continue
-        pair = {("svf:lr=0.01", 0.03): (svf, other), ("svf:lr=0.03", 0.01): (other, svf)}.get((name, run_lr(run)))
+        pair = {(f"svf:lr={small:g}", large): (svf, other),
+                (f"svf:lr={large:g}", small): (other, svf)}.get((name, run_lr(run)))
         if pair is not None:
             seen[id(v)] = v
             pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
                 (f"{study['model']} ({study['seed']})", *pair, _classes(v)))
-    return _pooled_table(pooled, "lr 0.03", "lr 0.01")
+    return _pooled_table(pooled, f"lr {large:g}", f"lr {small:g}")
 
 
 def _classes(variant: dict) -> list[str]:

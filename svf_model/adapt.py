@@ -138,7 +138,8 @@ def parse_config_options(items: Sequence[str]) -> dict[str, Any]:
     Raises:
         ValueError: an item that is not ``KEY=VALUE`` with an AdaptConfig field as ``KEY``.
     """
-    kinds = {f.name: _value_type(f.name) for f in dataclasses.fields(AdaptConfig)}
+    hints = typing.get_type_hints(AdaptConfig)
+    kinds = {f.name: _value_type(hints[f.name]) for f in dataclasses.fields(AdaptConfig)}
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -160,9 +161,8 @@ def parse_config_options(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def _value_type(name: str) -> type:
-    """The type an :class:`AdaptConfig` field holds when it is not None (``float | None`` -> float)."""
-    hint = typing.get_type_hints(AdaptConfig)[name]
+def _value_type(hint: Any) -> type:  # noqa: ANN401
+    """The type a field annotated ``hint`` holds when it is not None (``float | None`` -> float)."""
     kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
     return typing.get_origin(kinds[0]) or kinds[0]
 
