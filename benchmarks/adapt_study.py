@@ -8,6 +8,8 @@ before and after adapting on the episode's supports:
 * ``svf``: singular values of the registry model's adapt modules (the method);
 * ``bn``: BatchNorm affine parameters of the same blocks;
 * ``depthwise``: the filters of their depthwise convs (which SVF leaves whole);
+* ``dense``: every weight of exactly the convs SVF decomposes, BatchNorm frozen (the paper's
+  "fine-tune W" of the same layers);
 * ``full``: every weight of the same blocks (the paper's claim: this overfits).
 
 Usage::
@@ -19,7 +21,8 @@ A variant is ``target[:key=value,...]`` with ``AdaptConfig`` fields (``steps``, 
 ``modules=layer4+layer3.5`` lists module paths). ``--grouped`` also decomposes the grouped
 (depthwise) convs of the model's adapt modules (``apply_svf(kinds={"grouped"})``: one singular value
 per depthwise channel; ``--grouped shared``: the filter bank folded as one matrix, one singular value
-per shared basis filter), so ``svf`` variants train those values too.
+per shared basis filter; ``--grouped kernel``: each channel's 3x3 filter decomposed as a 3x3 matrix,
+three singular values per channel), so ``svf`` variants train those values too.
 Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
 that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
 """
@@ -116,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["svf"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memo-gb", type=float, default=3.0, help="feature memo budget (see svf_model.feature_memo)")
-    ap.add_argument("--grouped", nargs="?", const="per-group", default=False, choices=["per-group", "shared"],
+    ap.add_argument("--grouped", nargs="?", const="per-group", default=False,
+                    choices=["per-group", "shared", "kernel"],
                     help="also decompose the adapt modules' grouped/depthwise convs (their values train "
-                         "too): group by group, or with 'shared' as one filter bank (shared basis filters)")
+                         "too): group by group, with 'shared' as one filter bank (shared basis filters), or with "
+                         "'kernel' each depthwise filter as a kh x kw matrix (its separable components' weights)")
     ap.add_argument("--classes", nargs="+", default=None,
                     help="classes to sample episodes from (default: the held-out 20%% of the training split)")
     ap.add_argument("--json", default=None)

@@ -312,7 +312,7 @@ def _options(run: dict) -> list[str]:
         options.append("loss=ce")
     grouped = _grouped_mode(run)
     if grouped:
-        options.append("--adapt-grouped shared" if grouped == "shared" else "--adapt-grouped")
+        options.append("--adapt-grouped" if grouped == "per-group" else f"--adapt-grouped {grouped}")
     return options
 
 
@@ -461,7 +461,8 @@ def adaptation_table() -> str:
 
 def _grouped_label(grouped: bool | str) -> str:
     """How a study's ``--grouped`` switch decomposed the depthwise conv, as a label suffix."""
-    return " (+ depthwise, shared basis)" if grouped == "shared" else " (+ depthwise)"
+    return {"shared": " (+ depthwise, shared basis)", "kernel": " (+ depthwise, per-kernel SVD)"}.get(
+        grouped, " (+ depthwise)")
 
 
 def _study_variant_suffix(study: dict, variant: dict) -> str:
@@ -527,13 +528,17 @@ def study_against_evaluate_table() -> str:
 
 
 def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "full") -> str:
-    """A study variant (by default full fine-tuning) against SVF adaptation with today's defaults,
-    every paired study of :func:`_study_pairs` taken together per shot count. SVF's changes are the
-    evaluate run's where it used today's step (:func:`default_lr`), else those of an ``svf:lr=`` study
-    variant at that step on the same run's episodes (only the episodes both studies ran count)."""
+    """A study variant (by default full fine-tuning of the adapt blocks; ``dense:lr=0.001``: of the
+    convs SVF decomposes; ``svf --grouped kernel``: the ``svf`` variant of a ``--grouped kernel``
+    study) against SVF adaptation with today's defaults, every paired study of :func:`_study_pairs`
+    taken together per shot count. SVF's changes are the evaluate run's where it used today's step
+    (:func:`default_lr`), else those of an ``svf:lr=`` study variant at that step on the same run's
+    episodes (only the episodes both studies ran count)."""
     by_run: dict[int, tuple[dict, dict, list]] = {}  # holds the runs, so that an id cannot be reused
     for study, name, v, run, _, other in _study_pairs():
-        by_run.setdefault(id(run), (run, study, []))[2].append((name, other, v))
+        grouped = study.get("svf_grouped") if name == "svf" else None
+        by_run.setdefault(id(run), (run, study, []))[2].append((f"{name} --grouped {grouped}" if grouped else name,
+                                                               other, v))
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     for run, study, variants in by_run.values():
         shots = study["shots"]
@@ -546,6 +551,39 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
                 pooled.setdefault((shots, ()), []).append(
                     (f"{study['model']} ({study['seed']})", svf[:n], other[:n], _classes(v)[:n]))
     return _pooled_table(pooled, "SVF", label)
+
+
+WEIGHT_TARGETS = ("dense:lr=0.001", "full:lr=0.001")
+KERNEL_SVF = "SVF with each depthwise filter decomposed (`--grouped kernel`)"
+
+
+def against_full_table() -> str:
+    """Per ``evaluate --adapt`` run with the defaults: SVF as run, SVF with the adapt block's depthwise
+    filters decomposed kernel by kernel (an ``svf`` variant of a ``--grouped kernel`` study), and
+    fine-tuning of the decomposed convs' weights (``dense``) and of every weight of the block
+    (``full``), on the first episodes all of them ran (:func:`_study_pairs`), each against ``full``
+    paired. Only runs with a ``full`` study and at least one of the others."""
+    by_run: dict[int, tuple[dict, dict, dict[str, np.ndarray]]] = {}
+    for study, name, _, run, _, other in _study_pairs():
+        kernel = name == "svf" and study.get("svf_grouped") == "kernel"
+        if kernel or name in WEIGHT_TARGETS:
+            changes = by_run.setdefault(id(run), (run, study, {"SVF (defaults)": _changes(run)}))[2]
+            changes[KERNEL_SVF if kernel else f"`{name}`"] = other
+    rows = ["| shots | run (model, seed) | episodes | adapts | change (pts, mean +- s.e.) | minus full, paired | "
+            "losing > 5 pts |",
+            "|---|---|---|---|---|---|---|"]
+    for _run, study, changes in sorted(by_run.values(), key=lambda r: (r[1]["shots"], r[1]["seed"])):
+        full = f"`{WEIGHT_TARGETS[-1]}`"
+        if full not in changes or len(changes) < 3:
+            continue
+        n = min(len(c) for c in changes.values())
+        for label in ("SVF (defaults)", KERNEL_SVF, *(f"`{t}`" for t in WEIGHT_TARGETS)):
+            if label in changes:
+                c = changes[label][:n]
+                paired = _mean_se(c - changes[full][:n]) if label != full else ""
+                rows.append(f"| {study['shots']} | {study['model']} ({study['seed']}) | {n} | {label} | "
+                            f"{_mean_se(c)} | {paired} | {100 * (c < -5).mean():.0f}% |")
+    return "\n".join(rows)
 
 
 def one_shot_step_table() -> str:
@@ -669,13 +707,13 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
     for model, shots in sorted(found, key=lambda ms: (models.index(ms[0]), ms[1])):
         runs = found[model, shots]
         for key, (change, v, episodes) in sorted(runs.items(), key=lambda kv: (
-                ["svf", "bn", "depthwise", "full"].index(kv[0][0]), kv[0][1:])):
+                ["svf", "bn", "depthwise", "dense", "full"].index(kv[0][0]), kv[0][1:])):
             target, grouped, lr, steps = key
             vs_svf = _paired(change, episodes, runs.get(("svf", False, 0.03, 10))) if key != (
                 "svf", False, 0.03, 10) else ""
             vs_steps = _paired(change, episodes, runs.get((target, grouped, lr, 10))) if steps != 10 else ""
             label = {"svf": "singular values", "bn": "BatchNorm affine", "depthwise": "depthwise filters",
-                     "full": "every weight"}[target]
+                     "dense": "the decomposed convs' weights", "full": "every weight"}[target]
             label += _grouped_label(grouped) if grouped else ""
             rows.append(f"| {model} | {shots} | {label} | {lr:g} | {steps} | {len(change)} | {_mean_se(change)} | "
                         f"{vs_svf} | {vs_steps} | {100 * (change < -5).mean():.0f}% | "
@@ -688,7 +726,7 @@ GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
 
 def _grouped_mode(run: dict) -> str | None:
     """The run's ``--adapt-grouped`` mode: ``None`` (off), ``"per-group"`` (recorded as ``true`` by
-    runs made before the shared-basis mode existed) or ``"shared"``."""
+    runs made before the shared-basis mode existed), ``"shared"`` or ``"kernel"``."""
     grouped = run["config"].get("adapt_grouped")
     if not grouped:
         return None
@@ -805,6 +843,12 @@ if __name__ == "__main__":
     print(study_against_evaluate_table())
     print("\n### Full fine-tuning against SVF with the default step, all paired studies together\n")
     print(pooled_variant_against_svf())
+    print("\n### Fine-tuning the convs SVF decomposes against SVF with the default step, all paired studies\n")
+    print(pooled_variant_against_svf("dense:lr=0.001", "dense"))
+    print("\n### SVF with each depthwise filter decomposed against SVF with the default step, all paired studies\n")
+    print(pooled_variant_against_svf("svf --grouped kernel", "kernel"))
+    print("\n### SVF, SVF with the depthwise filters decomposed, and weight fine-tuning on the same episodes\n")
+    print(against_full_table())
     print("\n### The 1-shot step: lr 0.01 (the default) against lr 0.03, all paired studies together\n")
     print(one_shot_step_table())
     print("\n### Adapted runs paired on their common episodes\n")

@@ -78,7 +78,9 @@ class AdaptConfig:
             every SVF layer of the backbone. The predictor fills it from the model's registry entry.
         target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
             (BatchNorm affine of the SVF stages), ``"depthwise"`` (the filters of their grouped /
-            depthwise convs, which SVF leaves whole) and ``"full"`` (every weight of those stages).
+            depthwise convs, which SVF leaves whole), ``"dense"`` (every weight of exactly the convs
+            whose singular values SVF trains, BatchNorm frozen as for SVF: the paper's "fine-tune
+            W" of the same layers) and ``"full"`` (every weight of those stages).
             The comparison targets modify the model they are given: pass a copy.
         loss: ``"balanced"`` (the mean of the foreground and the background pixels'
             cross-entropies, so a small object weighs as much as its background) or ``"ce"`` (pixel
@@ -306,12 +308,38 @@ def _only_singular_values_train(
             p.requires_grad_(flag)
 
 
+BASELINE_TARGETS = ("bn", "depthwise", "dense", "full")
+
+
+def _stage_parameters(roots: list[torch.nn.Module], target: str) -> list[torch.nn.Parameter]:
+    """The weights of ``roots`` that ``target`` (``bn``, ``depthwise`` or ``full``) trains; BatchNorm's
+    affine buffers become parameters on the way."""
+    params = []
+    for root in roots:
+        for module in root.modules():
+            if "BatchNorm" in type(module).__name__:
+                if target == "depthwise":
+                    continue
+                for key in ("weight", "bias"):
+                    value = module._buffers.pop(key, None)
+                    if value is not None:
+                        setattr(module, key, torch.nn.Parameter(value.clone()))
+                    tensor = getattr(module, key, None)
+                    if isinstance(tensor, torch.nn.Parameter):
+                        params.append(tensor)
+            elif target == "full":
+                params.extend(module.parameters(recurse=False))
+            elif target == "depthwise" and isinstance(module, torch.nn.Conv2d) and module.groups > 1:
+                params.append(module.weight)
+    return params
+
+
 def _baseline_target(target: str):
-    """Comparison targets (``"bn"``, ``"depthwise"``, ``"full"``) on the stages that hold SVF layers:
-    those layers are folded back to plain convs and the chosen weights become trainable parameters
-    (BN stays in eval)."""
-    if target not in ("bn", "depthwise", "full"):
-        raise ValueError(f"target must be svf, bn, depthwise or full, got {target!r}")
+    """Comparison targets (see ``AdaptConfig.target``) on the stages that hold SVF layers: those
+    layers are folded back to plain convs and the chosen weights become trainable parameters (BN
+    stays in eval)."""
+    if target not in BASELINE_TARGETS:
+        raise ValueError(f"target must be svf, {', '.join(BASELINE_TARGETS[:-1])} or full, got {target!r}")
 
     @contextlib.contextmanager
     def trainer(
@@ -319,30 +347,18 @@ def _baseline_target(target: str):
     ) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
         from .svf import fold_svf
 
-        stages = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, modules)})
+        decomposed = [name for name, _ in adapted_layers(model, modules)]
+        stages = sorted({name.rsplit(".", 1)[0] for name in decomposed})
         roots = [model.backbone.get_submodule(s) for s in stages]
         if target == "depthwise" and not any(getattr(m, "groups", 1) > 1 for r in roots for m in r.modules()):
             raise ValueError(f"target 'depthwise': no grouped or depthwise convs in {', '.join(stages)}")
         fold_svf(roots)
         for p in model.parameters():
             p.requires_grad_(False)
-        params = []
-        for root in roots:
-            for module in root.modules():
-                if "BatchNorm" in type(module).__name__:
-                    if target == "depthwise":
-                        continue
-                    for key in ("weight", "bias"):
-                        value = module._buffers.pop(key, None)
-                        if value is not None:
-                            setattr(module, key, torch.nn.Parameter(value.clone()))
-                        tensor = getattr(module, key, None)
-                        if isinstance(tensor, torch.nn.Parameter):
-                            params.append(tensor)
-                elif target == "full":
-                    params.extend(module.parameters(recurse=False))
-                elif target == "depthwise" and isinstance(module, torch.nn.Conv2d) and module.groups > 1:
-                    params.append(module.weight)
+        if target == "dense":
+            params = [p for name in decomposed for p in model.backbone.get_submodule(name).parameters(recurse=False)]
+        else:
+            params = _stage_parameters(roots, target)
         for p in params:
             p.requires_grad_(True)
         yield [(p, 1.0) for p in params]

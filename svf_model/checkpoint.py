@@ -10,7 +10,8 @@ trained backbone weights instead of singular values (``tuned_weights``: ``full``
 
 Metadata (strings; JSON for non-strings): ``format``, ``backbone``, ``backbone_weights``
 (``imagenet``, ``random`` or a path), ``method``, ``head_kwargs``, ``svf_stages``, ``svf_kinds``,
-``svf_shared_basis`` (grouped convs folded as one filter bank), ``parametrization``, ``image_size``,
+``svf_grouped_fold`` (how grouped convs are decomposed: ``per-group``, ``shared`` or ``kernel``; files
+written before it read ``svf_shared_basis``), ``parametrization``, ``image_size``,
 ``shots``, ``low_shot_below``, ``low_shot_fallback_margin`` and ``low_shot_fallback_up_to`` (with
 low-shot values), ``tuned_weights`` and ``tuned_stages`` (comparison models),
 ``sha256`` (of the tensors: a changed byte is refused), ``backbone_fingerprint`` (of the frozen
@@ -96,7 +97,8 @@ def describe(model, meta: dict[str, Any] | None = None) -> dict[str, Any]:  # no
         "head_kwargs": {},
         "svf_stages": stages,
         "svf_kinds": kinds,
-        "svf_shared_basis": any(getattr(lay, "shared_basis", False) for _, lay in layers),
+        "svf_grouped_fold": next((lay.grouped_fold for _, lay in layers if getattr(lay, "groups", 1) > 1),
+                                 "per-group"),
         "parametrization": layers[0][1].sv.parametrization if layers else "direct",
         "image_size": 473,
         "shots": 1,
@@ -188,7 +190,7 @@ def build_from_meta(meta: dict[str, Any], backbone_weights: str | os.PathLike | 
     from .backbones import BackboneWeightsError, build_backbone
     from .heads import build_head
     from .model import FewShotSegmenter
-    from .svf import apply_svf, freeze_batchnorm
+    from .svf import GROUPED_FOLDS, apply_svf, freeze_batchnorm
 
     weights = backbone_weights or meta.get("backbone_weights", "imagenet")
     try:
@@ -201,10 +203,12 @@ def build_from_meta(meta: dict[str, Any], backbone_weights: str | os.PathLike | 
     head = build_head(meta["method"], backbone, **meta.get("head_kwargs", {}))
     for p in backbone.parameters():
         p.requires_grad_(False)
+    fold = meta.get("svf_grouped_fold", "shared" if meta.get("svf_shared_basis") else "per-group")
+    if fold not in GROUPED_FOLDS:
+        raise CheckpointError(f"svf_grouped_fold must be one of {', '.join(GROUPED_FOLDS)}, got {fold!r}")
     if meta.get("svf_stages"):
         apply_svf(backbone.stages(meta["svf_stages"]), kinds=meta.get("svf_kinds", ("1x1", "3x3")),
-                  parametrization=meta.get("parametrization", "direct"),
-                  shared_basis=bool(meta.get("svf_shared_basis", False)))
+                  parametrization=meta.get("parametrization", "direct"), grouped_fold=fold)
     freeze_batchnorm(backbone)
     model = FewShotSegmenter(backbone, head)
     if meta.get("tuned_weights") is not None:

@@ -357,9 +357,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's, else 473)")
     p.add_argument("--adapt", action="store_true", help="adapt the singular values on each episode's supports")
-    p.add_argument("--adapt-grouped", nargs="?", const="per-group", default=False, choices=["per-group", "shared"],
+    p.add_argument("--adapt-grouped", nargs="?", const="per-group", default=False,
+                   choices=["per-group", "shared", "kernel"],
                    help="registered models: also decompose (and adapt) the adapt modules' depthwise convs, "
-                        "group by group, or with 'shared' as one filter bank (shared basis filters)")
+                        "group by group, with 'shared' as one filter bank (shared basis filters), or with 'kernel' "
+                        "each depthwise filter as a kh x kw matrix (its separable components' weights)")
     p.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
     p.add_argument("--adapt-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="other AdaptConfig fields, e.g. --adapt-set objective=head one_shot=views lr=0.01")

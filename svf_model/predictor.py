@@ -57,11 +57,15 @@ def _shared_lock(model: FewShotSegmenter) -> threading.RLock:
 def base_svf_state(model: FewShotSegmenter, low_shot: bool = False) -> dict[str, torch.Tensor]:
     """The model's own (pretrained) singular values, recorded the first time they are asked for; with
     ``low_shot``, its low-shot values instead (:class:`svf_model.model.LowShotValues`; layers they do
-    not cover, e.g. SVF layers added after loading, keep the model's own)."""
+    not cover, e.g. SVF layers added after loading, keep the model's own). SVF layers added or
+    removed since the record (``apply_svf`` on a model a Predictor already used, or on a deep copy
+    of it) are recorded at their current values; the others keep their recorded ones."""
     state = getattr(model, "_svf_base_state", None)
-    if state is None:
-        state = {k: v.detach().clone() for k, v in svf_state(model.backbone).items()}
+    current = svf_state(model.backbone)
+    if state is None or state.keys() != current.keys():
+        state = {k: state[k] if state is not None and k in state else v for k, v in current.items()}
         model._svf_base_state = state
+        model._svf_low_shot_state = None
     if not low_shot or getattr(model, "low_shot_values", None) is None:
         return state
     low = getattr(model, "_svf_low_shot_state", None)

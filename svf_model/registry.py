@@ -45,7 +45,7 @@ class ModelEntry:
     adapt_modules: list[str] = field(default_factory=lambda: ["layer4.1"])
     parametrization: str = "exp"
     # also decompose the adapt modules' grouped/depthwise convs: True (or "per-group") group by group,
-    # "shared" as one filter bank (svf_model.svf, shared_basis)
+    # "shared" as one filter bank, "kernel" each depthwise filter as a kh x kw matrix (svf_model.svf)
     adapt_grouped: bool | str = False
     metrics: dict[str, Any] = field(default_factory=dict)
     adapt_note: str = ""  # shown after Adapt: what adaptation measurably did to this model
@@ -137,14 +137,15 @@ def load_model(
     The backbone modules listed in ``adapt_modules`` (dotted paths such as ``"layer4"`` or
     ``"layer4.1"``) carry SVF layers, ready for adaptation. With ``adapt_grouped`` (``None``: the
     entry's setting) their grouped/depthwise convs are decomposed too, group by group (``True`` or
-    ``"per-group"``) or as one filter bank with shared basis filters (``"shared"``), so their
-    singular values adapt as well. Weight files are looked up (and hub downloads stored) in
-    ``checkpoint_dir``, by default the folder holding ``registry``.
+    ``"per-group"``), as one filter bank with shared basis filters (``"shared"``) or each depthwise
+    filter as a ``kh x kw`` matrix (``"kernel"``), so their singular values adapt as well. Weight
+    files are looked up (and hub downloads stored) in ``checkpoint_dir``, by default the folder
+    holding ``registry``.
     """
     from .backbones import build_backbone
     from .heads import build_head
     from .model import FewShotSegmenter
-    from .svf import apply_svf, svf_layers
+    from .svf import GROUPED_FOLDS, apply_svf, svf_layers
 
     default, entries = read_registry(registry)
     name = name or default
@@ -152,8 +153,8 @@ def load_model(
         raise CheckpointError(f"unknown model {name!r}; registered: {', '.join(sorted(entries))}")
     entry = entries[name]
     grouped = entry.adapt_grouped if adapt_grouped is None else adapt_grouped
-    if grouped not in (False, True, "per-group", "shared"):
-        raise ValueError(f"adapt_grouped must be false, true, 'per-group' or 'shared', got {grouped!r}")
+    if grouped not in (False, True, *GROUPED_FOLDS):
+        raise ValueError(f"adapt_grouped must be false, true or one of {', '.join(GROUPED_FOLDS)}, got {grouped!r}")
     path = resolve_file(entry, Path(checkpoint_dir) if checkpoint_dir is not None else Path(registry).parent)
     if path is None:
         backbone = build_backbone(entry.backbone, weights="imagenet")
@@ -172,7 +173,7 @@ def load_model(
         apply_svf([model.backbone.get_submodule(m) for m in missing], parametrization=entry.parametrization)
     if grouped:
         apply_svf([model.backbone.get_submodule(m) for m in entry.adapt_modules], kinds={"grouped"},
-                  parametrization=entry.parametrization, shared_basis=grouped == "shared")
+                  parametrization=entry.parametrization, grouped_fold="per-group" if grouped is True else grouped)
     for p in model.parameters():
         p.requires_grad_(False)
     model.name = entry.name

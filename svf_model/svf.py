@@ -5,12 +5,17 @@ decomposed with a full-rank SVD ``W = U diag(s) V^T`` (rank ``R = min(Co, Ci*kh*
 rounded). ``U`` and ``V`` are frozen buffers; only the singular values train.
 
 A grouped conv (``groups = g``, e.g. EfficientNet's depthwise convs) is the block-diagonal matrix of
-its ``g`` groups; by default each group is decomposed on its own (``R = g * min(Co/g, Ci/g*kh*kw)``),
-so a depthwise conv has one singular value per channel: the norm of that channel's filter. With
-``shared_basis`` the weight is folded literally, to ``Co x (Ci/g*kh*kw)``, and decomposed once: each
-filter is a combination (a row of ``U``) of ``R = min(Co, Ci/g*kh*kw)`` filters shared by every group
-(the rows of ``V^T``; 9 for a 3x3 depthwise conv), and a singular value scales one shared filter in
-every channel at once.
+its ``g`` groups, and ``grouped_fold`` says how it is decomposed:
+
+* ``"per-group"`` (default): each group on its own (``R = g * min(Co/g, Ci/g*kh*kw)``), so a depthwise
+  conv has one singular value per channel: the norm of that channel's filter.
+* ``"shared"``: the weight folded literally, to ``Co x (Ci/g*kh*kw)``, and decomposed once: each
+  filter is a combination (a row of ``U``) of ``R = min(Co, Ci/g*kh*kw)`` filters shared by every
+  group (the rows of ``V^T``; 9 for a 3x3 depthwise conv), and a singular value scales one shared
+  filter in every channel at once.
+* ``"kernel"`` (depthwise convs only): each channel's ``kh x kw`` filter is itself the matrix, so a
+  3x3 filter is a sum of 3 separable rank-1 filters ``u_i v_i^T`` and its 3 singular values weigh
+  them: the values can reshape a filter (``R = g * min(kh, kw)``), not only rescale it.
 
 Two parametrisations (SVF paper, appendix D.2):
 
@@ -22,8 +27,8 @@ Two forward forms, chosen per call:
 * ``"three_layer"`` (the official form): ``kxk`` conv with ``V^T`` -> per-channel scale by ``s``
   -> ``1x1`` conv with ``U`` (+ bias).
 * ``"recompose"``: build ``(U * s) @ V^T`` and run one conv; autograd must then form the full
-  weight gradient. Layers with a shared basis always train this way (the weight is tiny, while the
-  three-layer form would run every basis filter in every group).
+  weight gradient. Grouped layers folded ``"shared"`` or ``"kernel"`` always train this way (the
+  weight is tiny, while the three-layer form would run every basis filter in every group).
 
 Whenever no gradient can reach the singular values (``torch.no_grad()``, or frozen), the layer runs
 one conv with a cached recomposed weight, so inference costs what the plain layer costs.
@@ -50,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 Parametrization = Literal["direct", "exp"]
 Form = Literal["three_layer", "recompose"]
+GroupedFold = Literal["per-group", "shared", "kernel"]
+GROUPED_FOLDS: tuple[str, ...] = ("per-group", "shared", "kernel")
 # Measured by benchmarks/svf_forward.py (see README): the three-layer form trains faster than
 # recomposing the weight on both backbones, so it is the default training form.
 DEFAULT_TRAIN_FORM: Form = "three_layer"
@@ -106,8 +113,9 @@ class SVFLayer(nn.Module):
     """Common machinery of :class:`SVFConv2d` and :class:`SVFLinear`.
 
     Buffers: ``U [Co, R]``, ``Vh [R, Ci*kh*kw]``, ``bias [Co]`` (optional, frozen); for ``groups = g``
-    one decomposition per group: ``U [g, Co/g, Rg]``, ``Vh [g, Rg, Ci/g*kh*kw]`` and ``R = g * Rg``,
-    or with ``shared_basis`` one for the whole filter bank: ``U [Co, R]``, ``Vh [R, Ci/g*kh*kw]``.
+    one decomposition per group: ``U [g, Co/g, Rg]``, ``Vh [g, Rg, Ci/g*kh*kw]`` and ``R = g * Rg``;
+    folded ``"shared"`` one for the whole filter bank: ``U [Co, R]``, ``Vh [R, Ci/g*kh*kw]``; folded
+    ``"kernel"`` (depthwise) one per channel's filter: ``U [g, kh, Rg]``, ``Vh [g, Rg, kw]``.
     Parameters: the singular values ``[R]`` (group-major), in ``self.sv`` (see :class:`_SingularValues`).
     """
 
@@ -122,12 +130,20 @@ class SVFLayer(nn.Module):
         parametrization: Parametrization,
         form: Form,
         groups: int = 1,
-        shared_basis: bool = False,
+        grouped_fold: GroupedFold = "per-group",
     ) -> None:
         super().__init__()
-        self.shared_basis = shared_basis and groups > 1
-        if groups == 1 or self.shared_basis:
+        if grouped_fold not in GROUPED_FOLDS:
+            raise ValueError(f"grouped_fold must be one of {', '.join(GROUPED_FOLDS)}, got {grouped_fold!r}")
+        self.grouped_fold: GroupedFold = grouped_fold if groups > 1 else "per-group"
+        if self.grouped_fold == "kernel" and not (weight.dim() == 4 and weight.shape[0] == groups
+                                                  and weight.shape[1] == 1):
+            raise ValueError(f"grouped_fold 'kernel' needs a depthwise conv (one input and one output channel "
+                             f"per group), got weight {tuple(weight.shape)} with groups={groups}")
+        if groups == 1 or self.grouped_fold == "shared":
             matrix = weight.detach().reshape(weight.shape[0], -1)
+        elif self.grouped_fold == "kernel":
+            matrix = weight.detach().reshape(groups, weight.shape[2], weight.shape[3])
         else:
             matrix = weight.detach().reshape(groups, weight.shape[0] // groups, -1)
         u, s, vh = _svd(matrix)
@@ -143,6 +159,11 @@ class SVFLayer(nn.Module):
         self._cached_weight: torch.Tensor | None = None
 
     @property
+    def shared_basis(self) -> bool:
+        """Whether a grouped conv is folded as one filter bank (``grouped_fold == "shared"``)."""
+        return self.grouped_fold == "shared"
+
+    @property
     def rank(self) -> int:
         """Number of singular values (summed over the groups)."""
         return self.sv.s0.numel()
@@ -150,14 +171,15 @@ class SVFLayer(nn.Module):
     @property
     def kind(self) -> str:
         """``"1x1"``, ``"3x3"`` (any spatial kernel, e.g. ``"7x7"``) or ``"linear"``; grouped convs
-        add ``" depthwise"`` (one input channel per group) or ``" grouped"``."""
+        add ``" depthwise"`` (one input channel per group) or ``" grouped"``, then ``" shared"`` or
+        ``" kernel"`` for those folds."""
         if len(self.weight_shape) == 2:
             return "linear"
         kernel = f"{self.weight_shape[2]}x{self.weight_shape[3]}"
         if self.groups == 1:
             return kernel
         kind = f"{kernel} {'depthwise' if self.weight_shape[1] == 1 else 'grouped'}"
-        return f"{kind} shared" if self.shared_basis else kind
+        return kind if self.grouped_fold == "per-group" else f"{kind} {self.grouped_fold}"
 
     def singular_values(self) -> torch.Tensor:
         """Current singular values ``[R]``."""
@@ -199,11 +221,12 @@ class SVFConv2d(SVFLayer):
         conv: nn.Conv2d,
         parametrization: Parametrization = "direct",
         form: Form = DEFAULT_TRAIN_FORM,
-        shared_basis: bool = False,
+        grouped_fold: GroupedFold = "per-group",
     ) -> None:
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
-        super().__init__(conv.weight, conv.bias, parametrization, form, groups=conv.groups, shared_basis=shared_basis)
+        super().__init__(conv.weight, conv.bias, parametrization, form, groups=conv.groups,
+                         grouped_fold=grouped_fold)
         self.stride = conv.stride
         self.padding = conv.padding
         self.dilation = conv.dilation
@@ -221,8 +244,8 @@ class SVFConv2d(SVFLayer):
             weight = self._inference_weight()
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         # A shared basis would make the three-layer form run every basis filter in every group
-        # (g*R channels), while its recomposed weight is tiny.
-        if self.form == "recompose" or self.shared_basis:
+        # (g*R channels), while its recomposed weight is tiny; a kernel fold has no V^T conv.
+        if self.form == "recompose" or self.grouped_fold != "per-group":
             weight = self.recomposed_weight().reshape(self.weight_shape)
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         h = self._project(x) * self.sv()[None, :, None, None]
@@ -231,8 +254,13 @@ class SVFConv2d(SVFLayer):
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """``V^T x`` (per group) on the padded input: ``[N, R, H', W']``, or ``[N, g*R, H', W']``
-        (group-major) with a shared basis."""
+        (group-major) with a shared basis; folded ``"kernel"``, each channel's response to its rank-1
+        filters ``u_i v_i^T`` (``[N, R, H', W']``, group-major)."""
         co, ci, kh, kw = self.weight_shape
+        if self.grouped_fold == "kernel":
+            rank1 = self.U.mT[..., :, None] * self.Vh[..., None, :]  # [g, Rg, kh, kw]
+            return F.conv2d(x, rank1.reshape(-1, 1, kh, kw), None, self.stride, self.padding, self.dilation,
+                            self.groups)
         vh = self.Vh.reshape(-1, ci, kh, kw)
         if self.shared_basis:
             vh = vh.repeat(self.groups, 1, 1, 1)
@@ -414,7 +442,7 @@ def apply_svf(
     parametrization: Parametrization = "direct",
     form: Form = DEFAULT_TRAIN_FORM,
     freeze_rest: bool = True,
-    shared_basis: bool = False,
+    grouped_fold: GroupedFold = "per-group",
 ) -> nn.Module | list[nn.Module]:
     """Replace every eligible conv/linear inside ``module`` by its SVF layer.
 
@@ -427,8 +455,9 @@ def apply_svf(
         form: training forward form (see module docstring).
         freeze_rest: freeze every other parameter inside ``module`` and turn its BatchNorms into
             frozen BatchNorms, so only singular values train.
-        shared_basis: decompose grouped convs as one ``Co x (Ci/g*kh*kw)`` filter bank (shared
-            basis filters; see the module docstring) instead of group by group.
+        grouped_fold: how grouped convs are decomposed: ``"per-group"``, ``"shared"`` (one filter
+            bank with shared basis filters) or ``"kernel"`` (each depthwise filter as a ``kh x kw``
+            matrix); see the module docstring.
 
     Returns:
         ``module`` itself (the same list when a list was given), modified in place. The
@@ -450,7 +479,7 @@ def apply_svf(
             return None
         if kind == "linear":
             return SVFLinear(child, parametrization, form)
-        return SVFConv2d(child, parametrization, form, shared_basis=shared_basis)
+        return SVFConv2d(child, parametrization, form, grouped_fold=grouped_fold)
 
     for root in roots:
         if freeze_rest:

@@ -378,9 +378,11 @@ def test_full_step_subspace_projects_onto_what_svf_can_express(model):
         assert 0 < c.norm() < dW.norm()
 
 
-def test_depthwise_target_trains_only_the_depthwise_filters(model, shots):
+@pytest.mark.parametrize("target", ["depthwise", "dense"])
+def test_depthwise_and_dense_targets_train_only_their_own_weights(model, shots, target):
     """The ``depthwise`` comparison target changes the adapt block's depthwise filters and nothing
-    else: the dense convs keep the weights their singular values give, BatchNorm stays as it was."""
+    else; ``dense`` changes exactly the convs SVF decomposes (the paper's "fine-tune W" of the same
+    layers) and nothing else. BatchNorm stays as it was in both."""
     import copy
 
     from svf_model.adapt import adapt_svf
@@ -395,17 +397,18 @@ def test_depthwise_target_trains_only_the_depthwise_filters(model, shots):
     norms = {n: {k: v.clone() for k, v in b.state_dict().items()} for n, b in block.named_modules()
              if "BatchNorm" in type(b).__name__}
     assert dense and depthwise and norms
+    trained, frozen = (depthwise, dense) if target == "depthwise" else (dense, depthwise)
     p = _predictor(m, shots)
-    config = dataclasses.replace(FAST, target="depthwise", lr=0.01, modules=["layer4.1"])
+    config = dataclasses.replace(FAST, target=target, lr=0.01, modules=["layer4.1"])
     adapt_svf(m, p._supports, p._support_masks, config)
-    for name, w in depthwise.items():
+    for name, w in trained.items():
         assert not torch.equal(block.get_submodule(name).weight, w), name
-    for name, w in dense.items():
+    for name, w in frozen.items():
         torch.testing.assert_close(block.get_submodule(name).weight, w)
     for name, state in norms.items():
         for key, value in block.get_submodule(name).state_dict().items():
             assert torch.equal(value, state[key]), (name, key)
-    with pytest.raises(ValueError, match="svf, bn, depthwise or full"):
+    with pytest.raises(ValueError, match="svf, bn, depthwise, dense or full"):
         adapt_svf(m, p._supports, p._support_masks, dataclasses.replace(config, target="lora"))
 
 
@@ -423,3 +426,37 @@ def test_depthwise_target_without_depthwise_convs_is_refused_before_touching_the
     with pytest.raises(ValueError, match="no grouped or depthwise convs in layer4"):
         adapt_svf(m, images, masks, config)
     assert isinstance(m.backbone.layer4[0].conv1, SVFConv2d)
+
+
+def test_depthwise_filters_decomposed_kernel_by_kernel_adapt_reset_and_travel_as_values(model, shots, tmp_path):
+    """With the adapt block's depthwise conv decomposed kernel by kernel (3 values per channel), the
+    predictor adapts those values with the rest; reset restores the predictions exactly; exported
+    values reproduce them on a fresh predictor, and the model without that decomposition refuses them.
+    The copy is made after a Predictor used the model, so its recorded base values must be extended
+    to the new layers."""
+    import copy
+
+    from svf_model.svf import apply_svf
+
+    _predictor(model, shots)  # records the model's base values, which a deep copy carries along
+    m = copy.deepcopy(model)
+    apply_svf([m.backbone.layer4[1]], kinds={"grouped"}, parametrization="exp", grouped_fold="kernel")
+    p = _predictor(m, shots)
+    query = shots[3][0]
+    original = p.predict(query).prob
+    p.adapt(FAST)
+    changed = {k for k, v in p.svf_values().items() if not torch.equal(v, p.base_values()[k])}
+    assert any("conv_dw" in k for k in changed) and any("conv_pw" in k for k in changed), changed
+    adapted = p.predict(query).prob
+    assert not np.array_equal(adapted, original)
+    path = tmp_path / "kernel.safetensors"
+    p.export_svf(str(path))
+    fresh = _predictor(m, shots)
+    fresh.import_svf(str(path))
+    np.testing.assert_array_equal(fresh.predict(query).prob, adapted)
+    p.reset()
+    np.testing.assert_array_equal(p.predict(query).prob, original)
+    plain = _predictor(model, shots)
+    with pytest.raises(CheckpointError, match="does not fit this model's SVF layers"):
+        plain.import_svf(str(path))
+    assert not plain.adapted

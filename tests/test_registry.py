@@ -73,7 +73,8 @@ def test_default_model_loads_offline_ready_for_adaptation():
     assert logits.shape == (1, 2, size, size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize(("adapt_grouped", "kind"), [(True, "depthwise"), ("shared", "depthwise shared")])
+@pytest.mark.parametrize(("adapt_grouped", "kind"),
+                         [(True, "depthwise"), ("shared", "depthwise shared"), ("kernel", "depthwise kernel")])
 def test_adapt_grouped_decomposes_the_depthwise_convs_of_the_adapt_modules_without_changing_outputs(
         adapt_grouped: bool | str, kind: str):
     plain, entry = load_model()
@@ -91,7 +92,7 @@ def test_adapt_grouped_decomposes_the_depthwise_convs_of_the_adapt_modules_witho
 
 def test_an_unknown_depthwise_decomposition_is_refused_before_loading():
     with pytest.raises(ValueError, match="adapt_grouped must be"):
-        load_model(adapt_grouped="kernel")
+        load_model(adapt_grouped="rows")
 
 
 def test_malformed_registry_and_unknown_name_are_checkpoint_errors(tmp_path):
@@ -129,22 +130,24 @@ def small_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], d
     return path, {k: v.clone() for k, v in trainable_state(model).items()}, entry
 
 
-def test_a_checkpoint_with_shared_basis_depthwise_layers_loads_back_the_same(tmp_path):
-    """The filter-bank decomposition is recorded in the checkpoint and rebuilt at load: same layers,
-    same singular values, same outputs (a per-group rebuild would not even have the same shapes)."""
+@pytest.mark.parametrize("fold", ["shared", "kernel"])
+def test_a_checkpoint_with_refolded_depthwise_layers_loads_back_the_same(tmp_path, fold):
+    """The depthwise convs' decomposition (one filter bank, or each filter as a matrix) is recorded in
+    the checkpoint and rebuilt at load: same layers, same singular values, same outputs (a
+    per-group rebuild would not even have the same shapes)."""
     torch.manual_seed(1)
     backbone = build_backbone("efficientnet_lite2")
     model = FewShotSegmenter(backbone, build_head("baseline", backbone, reduce_dim=16))
-    apply_svf(backbone.layer4, kinds={"1x1", "grouped"}, parametrization="exp", shared_basis=True)
+    apply_svf(backbone.layer4, kinds={"1x1", "grouped"}, parametrization="exp", grouped_fold=fold)
     with torch.no_grad():
         for _, layer in svf_layers(backbone):
             layer.sv.trainable.normal_(0, 0.1)
-    path = save_checkpoint(model.eval(), tmp_path / "shared.safetensors", {"head_kwargs": {"reduce_dim": 16}})
+    path = save_checkpoint(model.eval(), tmp_path / f"{fold}.safetensors", {"head_kwargs": {"reduce_dim": 16}})
     loaded, meta = load_checkpoint(path)
-    assert meta["svf_shared_basis"] is True
+    assert meta["svf_grouped_fold"] == fold
     kinds = {name: layer.kind for name, layer in svf_layers(loaded.backbone)}
     assert kinds == {name: layer.kind for name, layer in svf_layers(backbone)}
-    assert any(kind.endswith("depthwise shared") for kind in kinds.values())
+    assert any(kind.endswith(f"depthwise {fold}") for kind in kinds.values())
     x = torch.randn(1, 3, 97, 97)
     with torch.no_grad():
         assert torch.allclose(loaded(x, x[None], (x[0, :1] > 0).float()[None]),

@@ -330,7 +330,7 @@ def test_grouped_convs_are_decomposed_group_by_group_exactly(groups: int, channe
 @pytest.mark.parametrize(("groups", "channels", "kernel"), [(8, 8, 3), (4, 8, 3)])
 def test_grouped_convs_with_a_shared_basis_fold_the_filter_bank_literally(groups: int, channels: int,
                                                                          kernel: int) -> None:
-    """``shared_basis`` decomposes the weight folded to ``Co x (Ci/g*kh*kw)`` once: rank
+    """``grouped_fold="shared"`` decomposes the weight folded to ``Co x (Ci/g*kh*kw)`` once: rank
     ``min(Co, Ci/g*kh*kw)`` (9 for a 3x3 depthwise conv), the matrix's singular values, exact in both
     forms, folded and in the components; scaling one value changes every channel's filter."""
     gen = torch.Generator().manual_seed(groups + 10)
@@ -338,7 +338,7 @@ def test_grouped_convs_with_a_shared_basis_fold_the_filter_bank_literally(groups
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
     x = torch.randn(2, channels, 7, 7, generator=gen, dtype=torch.float64)
-    svf = SVFConv2d(conv, parametrization="exp", shared_basis=True)
+    svf = SVFConv2d(conv, parametrization="exp", grouped_fold="shared")
     co = conv.weight.shape[0]
     matrix = conv.weight.reshape(co, -1)
     assert svf.rank == min(matrix.shape) and svf.kind.endswith("shared")
@@ -359,6 +359,46 @@ def test_grouped_convs_with_a_shared_basis_fold_the_filter_bank_literally(groups
         svf.sv.d[0] = 0.5
     changed = (svf.to_plain().weight - conv.weight).reshape(co, -1).norm(dim=1)
     assert (changed > 1e-6).all()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_convs_folded_by_kernel_decompose_each_filter_as_a_matrix(stride: int) -> None:
+    """``grouped_fold="kernel"``: each channel's 3x3 filter is a 3x3 matrix with 3 singular values
+    (its own ``svdvals``), exact in both forms, folded and summed over the components; changing one
+    value reshapes that channel's filter (not only its norm) and leaves the other channels alone."""
+    gen = torch.Generator().manual_seed(stride)
+    channels = 6
+    conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels, bias=True).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(2, channels, 9, 9, generator=gen, dtype=torch.float64)
+    svf = SVFConv2d(conv, parametrization="exp", grouped_fold="kernel")
+    assert svf.rank == 3 * channels and svf.kind == "3x3 depthwise kernel"
+    filters = conv.weight.detach()[:, 0]
+    assert torch.allclose(svf.singular_values(), torch.linalg.svdvals(filters).reshape(-1))
+    ref = conv(x)
+    for form in ("three_layer", "recompose"):
+        svf.form = form
+        with torch.no_grad():
+            assert torch.allclose(svf(x), ref, atol=1e-10), form
+        svf.sv.d.requires_grad_(True)
+        assert torch.allclose(svf(x), ref, atol=1e-10), form
+    assert torch.allclose(svf.to_plain()(x), ref, atol=1e-10)
+    parts = svf.components(x)
+    assert parts.shape == (2, svf.rank, *ref.shape[-2:])
+    no_bias = ref - conv.bias[None, :, None, None]
+    assert torch.allclose(parts.reshape(2, channels, 3, *ref.shape[-2:]).sum(2), no_bias, atol=1e-10)
+    svf(x).sum().backward()
+    assert svf.sv.d.grad.shape == (svf.rank,) and svf.sv.d.grad.abs().sum() > 0
+    with torch.no_grad():
+        svf.sv.d[1] = 0.5  # channel 0's second component
+    tuned = svf.to_plain().weight.detach()[:, 0]
+    assert not torch.allclose(tuned[0] / tuned[0].norm(), filters[0] / filters[0].norm())
+    assert torch.allclose(tuned[1:], filters[1:], atol=1e-12)
+    with pytest.raises(ValueError, match="needs a depthwise conv"):
+        SVFConv2d(nn.Conv2d(8, 8, 3, groups=4), grouped_fold="kernel")
+    with pytest.raises(ValueError, match="grouped_fold must be one of"):
+        SVFConv2d(conv, grouped_fold="rows")
 
 
 def test_kinds_1x1_only_touches_1x1_convs() -> None:
