@@ -327,6 +327,20 @@ def test_grouped_convs_are_decomposed_group_by_group_exactly(groups: int, channe
     assert svf.sv.d.grad is not None and svf.sv.d.grad.shape == (svf.rank,)
 
 
+def _assert_exact_in_both_forms_and_folded(svf: SVFConv2d, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``svf`` gives ``conv``'s output on ``x`` in both forms (cached and with gradients) and folded;
+    returns that output."""
+    ref = conv(x)
+    for form in ("three_layer", "recompose"):
+        svf.form = form
+        with torch.no_grad():
+            assert torch.allclose(svf(x), ref, atol=1e-10), form
+        svf.sv.d.requires_grad_(True)
+        assert torch.allclose(svf(x), ref, atol=1e-10), form
+    assert torch.allclose(svf.to_plain()(x), ref, atol=1e-10)
+    return ref
+
+
 @pytest.mark.parametrize(("groups", "channels", "kernel"), [(8, 8, 3), (4, 8, 3)])
 def test_grouped_convs_with_a_shared_basis_fold_the_filter_bank_literally(groups: int, channels: int,
                                                                          kernel: int) -> None:
@@ -343,14 +357,7 @@ def test_grouped_convs_with_a_shared_basis_fold_the_filter_bank_literally(groups
     matrix = conv.weight.reshape(co, -1)
     assert svf.rank == min(matrix.shape) and svf.kind.endswith("shared")
     assert torch.allclose(svf.singular_values(), torch.linalg.svdvals(matrix))
-    ref = conv(x)
-    for form in ("three_layer", "recompose"):
-        svf.form = form
-        with torch.no_grad():
-            assert torch.allclose(svf(x), ref, atol=1e-10), form
-        svf.sv.d.requires_grad_(True)
-        assert torch.allclose(svf(x), ref, atol=1e-10), form
-    assert torch.allclose(svf.to_plain()(x), ref, atol=1e-10)
+    _assert_exact_in_both_forms_and_folded(svf, conv, x)
     assert svf.components(x).shape == (2, svf.rank, 7, 7)
     svf.form = "three_layer"
     svf(x).sum().backward()
@@ -376,14 +383,7 @@ def test_depthwise_convs_folded_by_kernel_decompose_each_filter_as_a_matrix(stri
     assert svf.rank == 3 * channels and svf.kind == "3x3 depthwise kernel"
     filters = conv.weight.detach()[:, 0]
     assert torch.allclose(svf.singular_values(), torch.linalg.svdvals(filters).reshape(-1))
-    ref = conv(x)
-    for form in ("three_layer", "recompose"):
-        svf.form = form
-        with torch.no_grad():
-            assert torch.allclose(svf(x), ref, atol=1e-10), form
-        svf.sv.d.requires_grad_(True)
-        assert torch.allclose(svf(x), ref, atol=1e-10), form
-    assert torch.allclose(svf.to_plain()(x), ref, atol=1e-10)
+    ref = _assert_exact_in_both_forms_and_folded(svf, conv, x)
     parts = svf.components(x)
     assert parts.shape == (2, svf.rank, *ref.shape[-2:])
     no_bias = ref - conv.bias[None, :, None, None]
