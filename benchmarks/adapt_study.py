@@ -51,6 +51,7 @@ from svf_model.imageio import load_image  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
 from svf_model.preprocess import letterbox_image, unletterbox_logits  # noqa: E402
 from svf_model.registry import load_model  # noqa: E402
+from svf_model.svf import GROUPED_FOLDS  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memo-gb", type=float, default=3.0, help="feature memo budget (see svf_model.feature_memo)")
     ap.add_argument("--grouped", nargs="?", const="per-group", default=False,
-                    choices=["per-group", "shared", "kernel"],
+                    choices=GROUPED_FOLDS,
                     help="also decompose the adapt modules' grouped/depthwise convs (their values train "
                          "too): group by group, with 'shared' as one filter bank (shared basis filters), or with "
                          "'kernel' each depthwise filter as a kh x kw matrix (its separable components' weights)")

@@ -536,9 +536,7 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
     episodes (only the episodes both studies ran count)."""
     by_run: dict[int, tuple[dict, dict, list]] = {}  # holds the runs, so that an id cannot be reused
     for study, name, v, run, _, other in _study_pairs():
-        grouped = study.get("svf_grouped") if name == "svf" else None
-        by_run.setdefault(id(run), (run, study, []))[2].append((f"{name} --grouped {grouped}" if grouped else name,
-                                                               other, v))
+        by_run.setdefault(id(run), (run, study, []))[2].append((_variant_key(study, name), other, v))
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     for run, study, variants in by_run.values():
         shots = study["shots"]
@@ -553,6 +551,13 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
     return _pooled_table(pooled, "SVF", label)
 
 
+def _variant_key(study: dict, name: str) -> str:
+    """A study variant's name, with ``--grouped MODE`` added to the ``svf`` variant of a ``--grouped``
+    study (its singular values are not the defaults')."""
+    grouped = study.get("svf_grouped") if name == "svf" else None
+    return f"{name} --grouped {grouped}" if grouped else name
+
+
 WEIGHT_TARGETS = ("dense:lr=0.001", "full:lr=0.001")
 KERNEL_SVF = "SVF with each depthwise filter decomposed (`--grouped kernel`)"
 
@@ -565,7 +570,7 @@ def against_full_table() -> str:
     paired. Only runs with a ``full`` study and at least one of the others."""
     by_run: dict[int, tuple[dict, dict, dict[str, np.ndarray]]] = {}
     for study, name, _, run, _, other in _study_pairs():
-        kernel = name == "svf" and study.get("svf_grouped") == "kernel"
+        kernel = _variant_key(study, name) == "svf --grouped kernel"
         if kernel or name in WEIGHT_TARGETS:
             changes = by_run.setdefault(id(run), (run, study, {"SVF (defaults)": _changes(run)}))[2]
             changes[KERNEL_SVF if kernel else f"`{name}`"] = other

@@ -53,6 +53,11 @@ def _trainable_key(layer: SVFLayer) -> str:
     return "s" if layer.sv.parametrization == "direct" else "d"
 
 
+def svf_state_keys(module: nn.Module) -> list[str]:
+    """The keys of :func:`svf_state` (``"<layer>.s"`` or ``"<layer>.d"``) without copying any value."""
+    return [f"{name}.{_trainable_key(layer)}" for name, layer in _layers(module).items()]
+
+
 def svf_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copy of the trainable tensor of every SVF layer: ``{"<layer>.s" or "<layer>.d": [R]}``.
 

@@ -34,6 +34,7 @@ import torch
 
 from .data import Coco20i, Episode, EpisodeSource, FSSFolder, Pascal5i, make_episodes
 from .metrics import FewShotMeter, trivial_meters
+from .svf import GROUPED_FOLDS
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's, else 473)")
     p.add_argument("--adapt", action="store_true", help="adapt the singular values on each episode's supports")
     p.add_argument("--adapt-grouped", nargs="?", const="per-group", default=False,
-                   choices=["per-group", "shared", "kernel"],
+                   choices=GROUPED_FOLDS,
                    help="registered models: also decompose (and adapt) the adapt modules' depthwise convs, "
                         "group by group, with 'shared' as one filter bank (shared basis filters), or with 'kernel' "
                         "each depthwise filter as a kh x kw matrix (its separable components' weights)")

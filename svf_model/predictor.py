@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .adapt import AdaptConfig, AdaptProgress, AdaptResult, adapt_svf, support_score
-from .delta import load_svf_delta, save_svf_delta, set_svf_state, svf_state
+from .delta import load_svf_delta, save_svf_delta, set_svf_state, svf_state, svf_state_keys
 from .imageio import ImageLike, InputError, check_mask, load_image, load_mask
 from .model import FewShotSegmenter
 from .preprocess import letterbox_image, letterbox_mask, unletterbox_logits
@@ -61,8 +61,8 @@ def base_svf_state(model: FewShotSegmenter, low_shot: bool = False) -> dict[str,
     removed since the record (``apply_svf`` on a model a Predictor already used, or on a deep copy
     of it) are recorded at their current values; the others keep their recorded ones."""
     state = getattr(model, "_svf_base_state", None)
-    current = svf_state(model.backbone)
-    if state is None or state.keys() != current.keys():
+    if state is None or state.keys() != set(svf_state_keys(model.backbone)):
+        current = svf_state(model.backbone)
         state = {k: state[k] if state is not None and k in state else v for k, v in current.items()}
         model._svf_base_state = state
         model._svf_low_shot_state = None
