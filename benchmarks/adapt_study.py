@@ -18,11 +18,13 @@ Usage::
         --json benchmarks/results/adapt_5shot.json
 
 A variant is ``target[:key=value,...]`` with ``AdaptConfig`` fields (``steps``, ``lr``, ...;
-``modules=layer4+layer3.5`` lists module paths). ``--grouped`` also decomposes the grouped
-(depthwise) convs of the model's adapt modules (``apply_svf(kinds={"grouped"})``: one singular value
-per depthwise channel; ``--grouped shared``: the filter bank folded as one matrix, one singular value
-per shared basis filter; ``--grouped kernel``: each channel's 3x3 filter decomposed as a 3x3 matrix,
-three singular values per channel), so ``svf`` variants train those values too.
+``modules=layer4+layer3.5`` lists module paths). ``--grouped`` says how the grouped (depthwise)
+convs of the model's adapt modules are decomposed (``apply_svf(kinds={"grouped"})``: one singular
+value per depthwise channel; ``--grouped shared``: the filter bank folded as one matrix, one singular
+value per shared basis filter; ``--grouped kernel``: each channel's 3x3 filter decomposed as a 3x3
+matrix, three singular values per channel; ``--grouped none``: not at all; default: the registry
+entry's ``adapt_grouped``), and ``svf`` variants train those values as ``AdaptConfig.grouped`` says
+(by default with one shot only; ``svf:grouped=always`` with any number).
 Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
 that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
 """
@@ -47,11 +49,11 @@ from svf_model.adapt import AdaptConfig, adapt_svf, adapted_layers, parse_config
 from svf_model.checkpoint import load_checkpoint  # noqa: E402
 from svf_model.data.episodes import make_episodes  # noqa: E402
 from svf_model.data.fss_folder import FSSFolder, list_classes, split_classes  # noqa: E402
+from svf_model.evaluate import add_grouped_argument  # noqa: E402
 from svf_model.imageio import load_image  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
 from svf_model.preprocess import letterbox_image, unletterbox_logits  # noqa: E402
-from svf_model.registry import load_model  # noqa: E402
-from svf_model.svf import GROUPED_FOLDS  # noqa: E402
+from svf_model.registry import adapt_fold, load_model  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
 
@@ -120,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["svf"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memo-gb", type=float, default=3.0, help="feature memo budget (see svf_model.feature_memo)")
-    ap.add_argument("--grouped", nargs="?", const="per-group", default=False,
-                    choices=GROUPED_FOLDS,
-                    help="also decompose the adapt modules' grouped/depthwise convs (their values train "
-                         "too): group by group, with 'shared' as one filter bank (shared basis filters), or with "
-                         "'kernel' each depthwise filter as a kh x kw matrix (its separable components' weights)")
+    add_grouped_argument(ap, "--grouped")
     ap.add_argument("--classes", nargs="+", default=None,
                     help="classes to sample episodes from (default: the held-out 20%% of the training split)")
     ap.add_argument("--json", default=None)
@@ -133,13 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.checkpoint:
-        if args.grouped:
+        if args.grouped not in (None, "none"):
             ap.error("--grouped needs a registry model (--model)")
+        args.grouped = False
         model, meta = load_checkpoint(args.checkpoint)
         model.adapt_modules = list(args.adapt_modules)
         model_name, size = Path(args.checkpoint).name, args.size or int(meta.get("image_size") or 321)
     else:
-        model, entry = load_model(args.model, adapt_grouped=args.grouped or None)
+        model, entry = load_model(args.model, adapt_grouped=args.grouped)
+        args.grouped = adapt_fold(entry, args.grouped) or False  # what the file records as svf_grouped
         model_name, size = entry.name, args.size or entry.image_size
     held_out = args.classes or split_classes(list_classes(args.data), 0.2, 0)[1]
     episodes = make_episodes(FSSFolder(args.data), args.episodes, args.shots, args.seed, classes=held_out)

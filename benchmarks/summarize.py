@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -16,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from svf_model.adapt import LEAVE_ONE_OUT_LR, ONE_SHOT_LR, AdaptConfig  # noqa: E402
+from svf_model.registry import adapt_fold, read_registry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -273,8 +275,10 @@ def _runs_with_default_svf() -> list[dict]:
 
 
 def _defaults_but_step(run: dict) -> bool:
-    """Whether the run's options (:func:`_options`) restate the defaults, its learning rate aside."""
-    return {o for o in _options(run) if not o.startswith("lr=")} <= DEFAULT_OPTIONS
+    """Whether the run's options (:func:`_options`) restate the defaults, its learning rate aside and
+    its depthwise conv left whole (the 1-shot default before 2026-12-05: these runs are what the
+    ``--grouped kernel`` studies pair with)."""
+    return {o for o in _options(run) if not o.startswith("lr=")} - {NO_FOLD} <= DEFAULT_OPTIONS
 
 
 def default_lr(shots: int) -> float:
@@ -302,7 +306,9 @@ def _options(run: dict) -> list[str]:
     """The run's ``--adapt-set`` items; for runs made before the loss default became ``balanced``
     (they do not record ``adapt_config``), the ``loss=ce`` that their ``loss="auto"`` meant with
     2 or more shots; ``lr=`` (:func:`run_lr`) only where it is not today's default for the run's
-    number of shots (1-shot runs before 2026-12-05: ``lr=0.03``)."""
+    number of shots (1-shot runs before 2026-12-05: ``lr=0.03``); ``--adapt-grouped MODE`` where the
+    run's fold of the depthwise convs is not today's (:func:`_today_fold`; runs of the shipped default
+    at 1 shot before that fold became its default: ``--adapt-grouped none``)."""
     options = [o for o in run["config"].get("adapt_set") or [] if not o.startswith("lr=")]
     lr = run_lr(run)
     if lr != default_lr(run["config"]["shots"]):
@@ -311,9 +317,27 @@ def _options(run: dict) -> list[str]:
     if legacy and not any(o.startswith("loss=") for o in options):
         options.append("loss=ce")
     grouped = _grouped_mode(run)
-    if grouped:
-        options.append("--adapt-grouped" if grouped == "per-group" else f"--adapt-grouped {grouped}")
+    if grouped != _today_fold(run):
+        options.append(NO_FOLD if grouped is None else
+                       "--adapt-grouped" if grouped == "per-group" else f"--adapt-grouped {grouped}")
     return options
+
+
+NO_FOLD = "--adapt-grouped none"
+
+
+@functools.cache
+def _registry_entries() -> dict:
+    return read_registry()[1]
+
+
+def _today_fold(run: dict) -> str | None:
+    """The fold of the depthwise convs whose values today's defaults train for the run's registry model
+    and number of shots (registry ``adapt_grouped``, ``AdaptConfig.grouped``), else ``None``."""
+    entry = _registry_entries().get(run["config"]["model"])
+    if entry is None or not AdaptConfig().trains_grouped(run["config"]["shots"]):
+        return None
+    return adapt_fold(entry)
 
 
 def _label(run: dict) -> str:
@@ -465,23 +489,36 @@ def _grouped_label(grouped: bool | str) -> str:
         grouped, " (+ depthwise)")
 
 
+def _trained_fold(fold: bool | str | None, config: dict, shots: int) -> str | None:
+    """``fold`` (a run's decomposition of the grouped convs; ``True`` is ``"per-group"``) where its
+    adaptation ``config`` trained those values with ``shots`` supports, else ``None``. Configs
+    recorded before ``AdaptConfig.grouped`` existed trained them always."""
+    if not fold or config.get("target", "svf") != "svf":
+        return None
+    if not AdaptConfig(grouped=config.get("grouped", "always")).trains_grouped(shots):
+        return None
+    return "per-group" if fold is True else fold
+
+
 def _study_variant_suffix(study: dict, variant: dict) -> str:
-    """:func:`_grouped_label` for an ``svf`` variant of a study run with ``--grouped``, else ``""``."""
-    grouped = study.get("svf_grouped")
-    return _grouped_label(grouped) if grouped and variant["config"]["target"] == "svf" else ""
+    """:func:`_grouped_label` for an ``svf`` variant that trained the values of a ``--grouped``
+    study's decomposed depthwise convs, else ``""``."""
+    grouped = _trained_fold(study.get("svf_grouped"), variant["config"], study["shots"])
+    return _grouped_label(grouped) if grouped else ""
 
 
 def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
-    """Whether an ``adapt_study`` variant ran the first episodes of an ``evaluate --adapt`` run:
-    same model, shots, seed and classes, and per episode the same class, query (when recorded) and
-    IoU before adapting (to 1e-4: a few pixels of a query may differ between torch builds)."""
+    """Whether an ``adapt_study`` variant and an ``evaluate --adapt`` run began with the same episodes
+    (the shorter one's): same model, shots, seed and classes, and per episode the same class, query
+    (when recorded) and IoU before adapting (to 1e-4: a few pixels of a query may differ between
+    torch builds)."""
     config = run["config"]
     model = config["model"] or Path(config["checkpoint"]).name
     if (model, config["shots"], config["seed"], config["classes"]) != (
             study["model"], study["shots"], study["seed"], study["held_out"]):
         return False
     pairs = list(zip(variant["episodes"], run["episodes"], strict=False))
-    return len(pairs) == len(variant["episodes"]) and all(
+    return bool(pairs) and all(
         a["class"] == b["class"] and a.get("query", b["query"]) == b["query"]
         and abs(a["iou_before"] - b["iou_before"]) < 1e-4 for a, b in pairs)
 
@@ -489,8 +526,8 @@ def _same_episodes(study: dict, variant: dict, run: dict) -> bool:
 def _study_pairs() -> Iterator[tuple[dict, str, dict, dict, np.ndarray, np.ndarray]]:
     """``(study, variant name, variant, run, SVF change, variant change)`` for every variant of an
     ``adapt_study`` file run on the first episodes of an ``evaluate --adapt`` run with the defaults
-    (checked by :func:`_same_episodes`; changes per episode, in points), leaving out variants that
-    are the defaults again."""
+    (checked by :func:`_same_episodes`; changes per episode, in points; a variant that ran more
+    episodes than the run is cut to the run's), leaving out variants that are the defaults again."""
     runs = _runs_with_default_svf()
     for path in sorted(RESULTS.glob("adapt_study_*.json")):
         study = json.loads(path.read_text())
@@ -500,10 +537,11 @@ def _study_pairs() -> Iterator[tuple[dict, str, dict, dict, np.ndarray, np.ndarr
             for run in runs:
                 if not _same_episodes(study, v, run):
                     continue
-                n = len(v["episodes"])
-                svf, other = _changes(run)[:n], _changes(v)
+                n = min(len(v["episodes"]), len(run["episodes"]))
+                paired = {**v, "episodes": v["episodes"][:n]}
+                svf, other = _changes(run)[:n], _changes(paired)
                 if (other - svf).any():
-                    yield study, variant, v, run, svf, other
+                    yield study, variant, paired, run, svf, other
 
 
 def study_against_evaluate_table() -> str:
@@ -536,7 +574,7 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
     episodes (only the episodes both studies ran count)."""
     by_run: dict[int, tuple[dict, dict, list]] = {}  # holds the runs, so that an id cannot be reused
     for study, name, v, run, _, other in _study_pairs():
-        by_run.setdefault(id(run), (run, study, []))[2].append((_variant_key(study, name), other, v))
+        by_run.setdefault(id(run), (run, study, []))[2].append((_variant_key(study, name, v), other, v))
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     for run, study, variants in by_run.values():
         shots = study["shots"]
@@ -551,11 +589,11 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
     return _pooled_table(pooled, "SVF", label)
 
 
-def _variant_key(study: dict, name: str) -> str:
-    """A study variant's name, with ``--grouped MODE`` added to the ``svf`` variant of a ``--grouped``
-    study (its singular values are not the defaults')."""
-    grouped = study.get("svf_grouped") if name == "svf" else None
-    return f"{name} --grouped {grouped}" if grouped else name
+def _variant_key(study: dict, name: str, variant: dict) -> str:
+    """A study variant's name, with ``--grouped MODE`` added to an ``svf`` variant that trained the
+    values of a ``--grouped`` study's decomposed depthwise convs."""
+    grouped = _trained_fold(study.get("svf_grouped"), variant["config"], study["shots"])
+    return f"{name} --grouped {grouped}" if grouped and name == "svf" else name
 
 
 WEIGHT_TARGETS = ("dense:lr=0.001", "full:lr=0.001")
@@ -569,8 +607,8 @@ def against_full_table() -> str:
     (``full``), on the first episodes all of them ran (:func:`_study_pairs`), each against ``full``
     paired. Only runs with a ``full`` study and at least one of the others."""
     by_run: dict[int, tuple[dict, dict, dict[str, np.ndarray]]] = {}
-    for study, name, _, run, _, other in _study_pairs():
-        kernel = _variant_key(study, name) == "svf --grouped kernel"
+    for study, name, v, run, _, other in _study_pairs():
+        kernel = _variant_key(study, name, v) == "svf --grouped kernel"
         if kernel or name in WEIGHT_TARGETS:
             changes = by_run.setdefault(id(run), (run, study, {"SVF (defaults)": _changes(run)}))[2]
             changes[KERNEL_SVF if kernel else f"`{name}`"] = other
@@ -703,7 +741,8 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
             cfg = v["config"]
             if any(cfg.get(k) != d for k, d in defaults.items()) or _resolved_loss(cfg, data["shots"]) != "balanced":
                 continue
-            key = (cfg["target"], cfg["target"] == "svf" and data.get("svf_grouped", False), cfg["lr"], cfg["steps"])
+            key = (cfg["target"], _trained_fold(data.get("svf_grouped"), cfg, data["shots"]) or False, cfg["lr"],
+                   cfg["steps"])
             episodes = [(e["class"], round(e["iou_before"], 9)) for e in v["episodes"]]
             found.setdefault((data["model"], data["shots"]), {}).setdefault(key, (_changes(v), v, episodes))
     rows = ["| model | shots | trains | lr | steps | episodes | change (pts, mean +- s.e.) "
@@ -712,7 +751,7 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
     for model, shots in sorted(found, key=lambda ms: (models.index(ms[0]), ms[1])):
         runs = found[model, shots]
         for key, (change, v, episodes) in sorted(runs.items(), key=lambda kv: (
-                ["svf", "bn", "depthwise", "dense", "full"].index(kv[0][0]), kv[0][1:])):
+                ["svf", "bn", "depthwise", "dense", "full"].index(kv[0][0]), str(kv[0][1]), kv[0][2:])):
             target, grouped, lr, steps = key
             vs_svf = _paired(change, episodes, runs.get(("svf", False, 0.03, 10))) if key != (
                 "svf", False, 0.03, 10) else ""
@@ -730,12 +769,11 @@ GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
 
 
 def _grouped_mode(run: dict) -> str | None:
-    """The run's ``--adapt-grouped`` mode: ``None`` (off), ``"per-group"`` (recorded as ``true`` by
-    runs made before the shared-basis mode existed), ``"shared"`` or ``"kernel"``."""
-    grouped = run["config"].get("adapt_grouped")
-    if not grouped:
-        return None
-    return "per-group" if grouped is True else grouped
+    """The run's ``--adapt-grouped`` mode where its adaptation trained those values: ``None`` (off, or
+    not trained with the run's shots), ``"per-group"`` (recorded as ``true`` by runs made before the
+    shared-basis mode existed), ``"shared"`` or ``"kernel"``."""
+    cfg = run["config"]
+    return _trained_fold(cfg.get("adapt_grouped"), cfg.get("adapt_config") or {}, cfg["shots"])
 
 
 def _same_settings_key(run: dict) -> tuple:

@@ -103,11 +103,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
 
     name = args.model
     try:
-        from .registry import list_models, load_model
+        from .registry import adapt_fold, list_models, load_model
 
         if name is None or name in list_models():
-            model, entry = load_model(name, adapt_grouped=getattr(args, "adapt_grouped", False) or None)
-            return model, {"image_size": entry.image_size, "name": entry.name}
+            grouped = getattr(args, "adapt_grouped", None)
+            model, entry = load_model(name, adapt_grouped=grouped)
+            return model, {"image_size": entry.image_size, "name": entry.name,
+                           "adapt_grouped": adapt_fold(entry, grouped) or False}
     except (ImportError, FileNotFoundError):
         pass
     if name in list_heads():
@@ -120,12 +122,14 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
 
 
 def build_predictor(args: argparse.Namespace):  # noqa: ANN201
-    """Model + predictor from the command-line arguments (``args.size`` filled in if unset)."""
+    """Model + predictor from the command-line arguments (``args.size`` filled in if unset; for a
+    registered model ``args.model`` and ``args.adapt_grouped`` say what was loaded)."""
     model, info = build_model(args)
     if args.size is None:
         args.size = info.get("image_size") or 473
     if info.get("name"):
         args.model = info["name"]  # the registry default when --model was not given
+        args.adapt_grouped = info["adapt_grouped"]  # the registry's fold when --adapt-grouped was not given
     return make_predictor(model, args.size, args.device)
 
 
@@ -334,6 +338,17 @@ def format_table(result: dict[str, Any]) -> str:
 # command line
 
 
+def add_grouped_argument(parser: argparse.ArgumentParser, flag: str) -> None:
+    """``flag [per-group|shared|kernel|none]``: the ``adapt_grouped`` of :func:`svf_model.registry.load_model`
+    (``None`` when not given: the registry entry's; the bare flag: ``per-group``)."""
+    parser.add_argument(flag, nargs="?", const="per-group", default=None, choices=(*GROUPED_FOLDS, "none"),
+                        help="registered models: how the adapt modules' depthwise convs are decomposed (their "
+                             "values adapt as AdaptConfig.grouped says): group by group, with 'shared' as one "
+                             "filter bank (shared basis filters), with 'kernel' each depthwise filter as a kh x kw "
+                             "matrix (its separable components' weights), or 'none' (not decomposed); default: "
+                             "the registry entry's")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m svf_model.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -358,11 +373,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="letterbox size (default: the model's, else 473)")
     p.add_argument("--adapt", action="store_true", help="adapt the singular values on each episode's supports")
-    p.add_argument("--adapt-grouped", nargs="?", const="per-group", default=False,
-                   choices=GROUPED_FOLDS,
-                   help="registered models: also decompose (and adapt) the adapt modules' depthwise convs, "
-                        "group by group, with 'shared' as one filter bank (shared basis filters), or with 'kernel' "
-                        "each depthwise filter as a kh x kw matrix (its separable components' weights)")
+    add_grouped_argument(p, "--adapt-grouped")
     p.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
     p.add_argument("--adapt-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="other AdaptConfig fields, e.g. --adapt-set objective=head one_shot=views lr=0.01")

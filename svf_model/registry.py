@@ -125,6 +125,25 @@ def _download(entry: ModelEntry, checkpoint_dir: Path) -> Path:
     return Path(path)
 
 
+def adapt_fold(entry: ModelEntry, adapt_grouped: bool | str | None = None) -> str | None:
+    """How :func:`load_model` decomposes ``entry``'s adapt modules' grouped convs with that
+    ``adapt_grouped`` (``None``: the entry's setting): ``None`` (not at all) or one of
+    :data:`svf_model.svf.GROUPED_FOLDS` (``True`` is ``"per-group"``, ``False`` and ``"none"`` are off).
+
+    Raises:
+        ValueError: any other value.
+    """
+    from .svf import GROUPED_FOLDS
+
+    grouped = entry.adapt_grouped if adapt_grouped is None else adapt_grouped
+    if grouped not in (False, True, "none", *GROUPED_FOLDS):
+        raise ValueError(f"adapt_grouped must be false, true, none or one of {', '.join(GROUPED_FOLDS)}, "
+                         f"got {grouped!r}")
+    if grouped in (False, "none"):
+        return None
+    return "per-group" if grouped is True else grouped
+
+
 def load_model(
     name: str | None = None,
     device: str = "cpu",
@@ -136,25 +155,24 @@ def load_model(
 
     The backbone modules listed in ``adapt_modules`` (dotted paths such as ``"layer4"`` or
     ``"layer4.1"``) carry SVF layers, ready for adaptation. With ``adapt_grouped`` (``None``: the
-    entry's setting) their grouped/depthwise convs are decomposed too, group by group (``True`` or
-    ``"per-group"``), as one filter bank with shared basis filters (``"shared"``) or each depthwise
-    filter as a ``kh x kw`` matrix (``"kernel"``), so their singular values adapt as well. Weight
+    entry's setting; ``False`` or ``"none"``: not) their grouped/depthwise convs are decomposed too,
+    group by group (``True`` or ``"per-group"``), as one filter bank with shared basis filters
+    (``"shared"``) or each depthwise filter as a ``kh x kw`` matrix (``"kernel"``), so their singular
+    values can adapt as well (when: ``AdaptConfig.grouped``). Weight
     files are looked up (and hub downloads stored) in ``checkpoint_dir``, by default the folder
     holding ``registry``.
     """
     from .backbones import build_backbone
     from .heads import build_head
     from .model import FewShotSegmenter
-    from .svf import GROUPED_FOLDS, apply_svf, svf_layers
+    from .svf import apply_svf, svf_layers
 
     default, entries = read_registry(registry)
     name = name or default
     if name not in entries:
         raise CheckpointError(f"unknown model {name!r}; registered: {', '.join(sorted(entries))}")
     entry = entries[name]
-    grouped = entry.adapt_grouped if adapt_grouped is None else adapt_grouped
-    if grouped not in (False, True, *GROUPED_FOLDS):
-        raise ValueError(f"adapt_grouped must be false, true or one of {', '.join(GROUPED_FOLDS)}, got {grouped!r}")
+    fold = adapt_fold(entry, adapt_grouped)
     path = resolve_file(entry, Path(checkpoint_dir) if checkpoint_dir is not None else Path(registry).parent)
     if path is None:
         backbone = build_backbone(entry.backbone, weights="imagenet")
@@ -171,9 +189,9 @@ def load_model(
     missing = [m for m in entry.adapt_modules if not any(n == m or n.startswith(m + ".") for n in have)]
     if missing:
         apply_svf([model.backbone.get_submodule(m) for m in missing], parametrization=entry.parametrization)
-    if grouped:
+    if fold:
         apply_svf([model.backbone.get_submodule(m) for m in entry.adapt_modules], kinds={"grouped"},
-                  parametrization=entry.parametrization, grouped_fold="per-group" if grouped is True else grouped)
+                  parametrization=entry.parametrization, grouped_fold=fold)
     for p in model.parameters():
         p.requires_grad_(False)
     model.name = entry.name

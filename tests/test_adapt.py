@@ -444,8 +444,8 @@ def test_depthwise_filters_decomposed_kernel_by_kernel_adapt_reset_and_travel_as
     p = _predictor(m, shots)
     query = shots[3][0]
     original = p.predict(query).prob
-    p.adapt(FAST)
-    changed = {k for k, v in p.svf_values().items() if not torch.equal(v, p.base_values()[k])}
+    p.adapt(dataclasses.replace(FAST, grouped="always"))
+    changed = _changed_layers(p)
     assert any("conv_dw" in k for k in changed) and any("conv_pw" in k for k in changed), changed
     adapted = p.predict(query).prob
     assert not np.array_equal(adapted, original)
@@ -460,3 +460,35 @@ def test_depthwise_filters_decomposed_kernel_by_kernel_adapt_reset_and_travel_as
     with pytest.raises(CheckpointError, match="does not fit this model's SVF layers"):
         plain.import_svf(str(path))
     assert not plain.adapted
+
+
+def _changed_layers(predictor: Predictor) -> set[str]:
+    return {k for k, v in predictor.svf_values().items() if not torch.equal(v, predictor.base_values()[k])}
+
+
+@pytest.fixture(scope="module")
+def kernel_model(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    apply_svf([m.backbone.layer4[1]], kinds={"grouped"}, parametrization="exp", grouped_fold="kernel")
+    return m
+
+
+@pytest.mark.parametrize(("grouped", "k", "trains"),
+                         [("one_shot", 1, True), ("one_shot", 2, False), ("always", 2, True), ("never", 1, False)])
+def test_decomposed_depthwise_values_train_as_the_config_says(kernel_model, shots, grouped, k, trains):
+    """``AdaptConfig.grouped``: the depthwise conv's values train with one shot only (the default),
+    always or never; the other SVF layers of the block train in every case."""
+    p = _predictor(kernel_model, shots, k)
+    p.adapt(dataclasses.replace(FAST, grouped=grouped))
+    changed = _changed_layers(p)
+    assert any("conv_pw" in key for key in changed), changed
+    assert any("conv_dw" in key for key in changed) == trains, changed
+
+
+def test_an_unknown_grouped_setting_is_refused_before_training(kernel_model, shots):
+    p = _predictor(kernel_model, shots, 2)
+    with pytest.raises(ValueError, match="grouped must be one of one_shot, always, never"):
+        p.adapt(dataclasses.replace(FAST, grouped="sometimes"))
+    assert not p.adapted and not _changed_layers(p)

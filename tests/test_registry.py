@@ -16,7 +16,7 @@ from svf_model.backbones import list_backbones
 from svf_model.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from svf_model.heads import build_head, list_heads
 from svf_model.model import FewShotSegmenter
-from svf_model.registry import list_models, load_model, read_registry, sha256_of
+from svf_model.registry import adapt_fold, list_models, load_model, read_registry, sha256_of
 from svf_model.svf import svf_layers
 from svf_model.weights import CheckpointError
 
@@ -77,7 +77,8 @@ def test_default_model_loads_offline_ready_for_adaptation():
                          [(True, "depthwise"), ("shared", "depthwise shared"), ("kernel", "depthwise kernel")])
 def test_adapt_grouped_decomposes_the_depthwise_convs_of_the_adapt_modules_without_changing_outputs(
         adapt_grouped: bool | str, kind: str):
-    plain, entry = load_model()
+    plain, entry = load_model(adapt_grouped="none")
+    assert all(layer.groups == 1 for _, layer in svf_layers(plain.backbone))
     grouped, _ = load_model(adapt_grouped=adapt_grouped)
     plain_names = {name for name, _ in svf_layers(plain.backbone)}
     extra = {name: layer.kind for name, layer in svf_layers(grouped.backbone) if name not in plain_names}
@@ -88,6 +89,30 @@ def test_adapt_grouped_decomposes_the_depthwise_convs_of_the_adapt_modules_witho
         a = plain(x, x[None], (x[0, :1] > 0).float()[None])
         b = grouped(x, x[None], (x[0, :1] > 0).float()[None])
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_the_default_model_decomposes_its_adapt_blocks_depthwise_filters_kernel_by_kernel():
+    """The shipped default adapts each depthwise filter's 3 singular values (with one shot; README,
+    "Adaptation"), so its registry entry loads them; ``False`` and ``"none"`` load the plain block."""
+    model, entry = load_model()
+    assert adapt_fold(entry) == "kernel"
+    kinds = {name: layer.kind for name, layer in svf_layers(model.backbone)}
+    assert {k for k in kinds.values() if "depthwise" in k} == {"3x3 depthwise kernel"}, kinds
+    assert adapt_fold(entry, False) is None and adapt_fold(entry, "none") is None
+    assert adapt_fold(entry, True) == "per-group"
+
+
+@pytest.mark.parametrize(("flag", "recorded"), [([], "kernel"), (["--adapt-grouped", "none"], False)])
+def test_evaluate_records_the_depthwise_fold_it_loaded(flag: list[str], recorded: str | bool):
+    """``evaluate`` without ``--adapt-grouped`` loads the registry's fold and says so in its config, so
+    a run's label does not depend on the registry's default at the time it is summarised."""
+    from svf_model.evaluate import build_predictor, parse_args
+
+    args = parse_args(["--data", "unused", "--json", "unused.json", *flag])
+    predictor = build_predictor(args)
+    assert args.adapt_grouped == recorded and args.model == list_models()[0]
+    decomposed = any(layer.groups > 1 for _, layer in svf_layers(predictor.model.backbone))
+    assert decomposed == bool(recorded)
 
 
 def test_an_unknown_depthwise_decomposition_is_refused_before_loading():
