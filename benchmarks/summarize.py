@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from svf_model.adapt import LEAVE_ONE_OUT_LR, ONE_SHOT_LR, AdaptConfig  # noqa: E402
-from svf_model.registry import adapt_fold, read_registry  # noqa: E402
+from svf_model.registry import adapt_fold, grouped_fold_of, read_registry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -497,13 +497,18 @@ def _trained_fold(fold: bool | str | None, config: dict, shots: int) -> str | No
         return None
     if not AdaptConfig(grouped=config.get("grouped", "always")).trains_grouped(shots):
         return None
-    return "per-group" if fold is True else fold
+    return grouped_fold_of(fold)
+
+
+def _study_fold(study: dict, variant: dict) -> str | None:
+    """:func:`_trained_fold` of a study variant (the study records its fold as ``svf_grouped``)."""
+    return _trained_fold(study.get("svf_grouped"), variant["config"], study["shots"])
 
 
 def _study_variant_suffix(study: dict, variant: dict) -> str:
     """:func:`_grouped_label` for an ``svf`` variant that trained the values of a ``--grouped``
     study's decomposed depthwise convs, else ``""``."""
-    grouped = _trained_fold(study.get("svf_grouped"), variant["config"], study["shots"])
+    grouped = _study_fold(study, variant)
     return _grouped_label(grouped) if grouped else ""
 
 
@@ -592,7 +597,7 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
 def _variant_key(study: dict, name: str, variant: dict) -> str:
     """A study variant's name, with ``--grouped MODE`` added to an ``svf`` variant that trained the
     values of a ``--grouped`` study's decomposed depthwise convs."""
-    grouped = _trained_fold(study.get("svf_grouped"), variant["config"], study["shots"])
+    grouped = _study_fold(study, variant)
     return f"{name} --grouped {grouped}" if grouped and name == "svf" else name
 
 
@@ -741,8 +746,7 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
             cfg = v["config"]
             if any(cfg.get(k) != d for k, d in defaults.items()) or _resolved_loss(cfg, data["shots"]) != "balanced":
                 continue
-            key = (cfg["target"], _trained_fold(data.get("svf_grouped"), cfg, data["shots"]) or False, cfg["lr"],
-                   cfg["steps"])
+            key = (cfg["target"], _study_fold(data, v) or False, cfg["lr"], cfg["steps"])
             episodes = [(e["class"], round(e["iou_before"], 9)) for e in v["episodes"]]
             found.setdefault((data["model"], data["shots"]), {}).setdefault(key, (_changes(v), v, episodes))
     rows = ["| model | shots | trains | lr | steps | episodes | change (pts, mean +- s.e.) "

@@ -127,7 +127,12 @@ def _download(entry: ModelEntry, checkpoint_dir: Path) -> Path:
 
 def adapt_fold(entry: ModelEntry, adapt_grouped: bool | str | None = None) -> str | None:
     """How :func:`load_model` decomposes ``entry``'s adapt modules' grouped convs with that
-    ``adapt_grouped`` (``None``: the entry's setting): ``None`` (not at all) or one of
+    ``adapt_grouped`` (``None``: the entry's setting): see :func:`grouped_fold_of`."""
+    return grouped_fold_of(entry.adapt_grouped if adapt_grouped is None else adapt_grouped)
+
+
+def grouped_fold_of(grouped: bool | str) -> str | None:
+    """An ``adapt_grouped`` value as a fold: ``None`` (not decomposed) or one of
     :data:`svf_model.svf.GROUPED_FOLDS` (``True`` is ``"per-group"``, ``False`` and ``"none"`` are off).
 
     Raises:
@@ -135,7 +140,6 @@ def adapt_fold(entry: ModelEntry, adapt_grouped: bool | str | None = None) -> st
     """
     from .svf import GROUPED_FOLDS
 
-    grouped = entry.adapt_grouped if adapt_grouped is None else adapt_grouped
     if grouped not in (False, True, "none", *GROUPED_FOLDS):
         raise ValueError(f"adapt_grouped must be false, true, none or one of {', '.join(GROUPED_FOLDS)}, "
                          f"got {grouped!r}")
