@@ -634,6 +634,29 @@ def against_full_table() -> str:
     return "\n".join(rows)
 
 
+def depthwise_step_table() -> str:
+    """SVF with each depthwise filter decomposed at another step for the depthwise values (``svf:``
+    variants with ``grouped_lr_scale`` in a ``--grouped kernel`` study) against the same decomposition
+    at the common step (the ``svf`` variant of a ``--grouped kernel`` study), on the episodes of the
+    same ``evaluate --adapt`` run that both ran, every paired study taken together per shot count and
+    set of held-out classes."""
+    by_run: dict[int, tuple[dict, dict[str, tuple[dict, np.ndarray]]]] = {}
+    for study, name, v, run, _, other in _study_pairs():
+        if _study_fold(study, v) == "kernel":
+            by_run.setdefault(id(run), (run, {}))[1][_variant_key(study, name, v)] = (study, other)
+    pooled: dict[tuple[int, tuple[str, ...]], list] = {}
+    for _run, variants in by_run.values():
+        kernel = variants.get("svf --grouped kernel")
+        for name, (study, other) in variants.items():
+            if kernel is None or "grouped_lr_scale" not in name:
+                continue
+            n = min(len(kernel[1]), len(other))
+            key = (study["shots"], tuple(sorted(study["held_out"])))
+            label = f"{study['model']} ({study['seed']}) `{name}`"
+            pooled.setdefault(key, []).append((label, kernel[1][:n], other[:n], _classes(study["variants"][name])[:n]))
+    return _pooled_table(pooled, "kernel", "scaled step")
+
+
 def one_shot_step_table() -> str:
     """1 shot: SVF at ``ONE_SHOT_LR`` (0.01, today's default) against ``LEAVE_ONE_OUT_LR`` (0.03, the
     1-shot default before 2026-12-05) on the same episodes, every paired study of :func:`_study_pairs`
@@ -896,6 +919,8 @@ if __name__ == "__main__":
     print(pooled_variant_against_svf("svf --grouped kernel", "kernel"))
     print("\n### SVF, SVF with the depthwise filters decomposed, and weight fine-tuning on the same episodes\n")
     print(against_full_table())
+    print("\n### SVF with the depthwise filters decomposed: another step for their values, all paired studies\n")
+    print(depthwise_step_table())
     print("\n### The 1-shot step: lr 0.01 (the default) against lr 0.03, all paired studies together\n")
     print(one_shot_step_table())
     print("\n### Adapted runs paired on their common episodes\n")

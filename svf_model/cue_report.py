@@ -35,8 +35,11 @@ class CueReport:
 
 
 def layer_changes(predictor: Predictor) -> list[LayerChange]:
-    """Per-layer singular-value changes of the predictor against its model's own values, most-changed first."""
-    return singular_value_changes(predictor.model.backbone, predictor.base_values(), predictor.svf_values())
+    """Per-layer singular-value changes of the predictor against its model's own values, most-changed
+    first: the layers whose values moved (layers that were not adapted, such as other stages or frozen
+    depthwise values, are left out), or every SVF layer when none moved."""
+    changes = singular_value_changes(predictor.model.backbone, predictor.base_values(), predictor.svf_values())
+    return [c for c in changes if c.changed] or changes
 
 
 def cue_report(

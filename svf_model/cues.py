@@ -35,6 +35,11 @@ class LayerChange:
         return self.absolute / np.maximum(np.abs(self.before), 1e-12)
 
     @property
+    def changed(self) -> bool:
+        """Whether any singular value of the layer moved."""
+        return bool(np.any(self.after != self.before))
+
+    @property
     def score(self) -> float:
         """How much the layer changed: mean absolute relative change."""
         return float(np.abs(self.relative).mean())

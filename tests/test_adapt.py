@@ -487,6 +487,22 @@ def test_decomposed_depthwise_values_train_as_the_config_says(kernel_model, shot
     assert any("conv_dw" in key for key in changed) == trains, changed
 
 
+def test_grouped_lr_scale_scales_only_the_depthwise_step(kernel_model, shots):
+    """One layer-normalised step from the same values: the depthwise values move ``grouped_lr_scale``
+    times as far, the dense convs' values exactly as far."""
+    moves = []
+    for scale in (1.0, 2.0):
+        p = _predictor(kernel_model, shots, 1)
+        p.adapt(dataclasses.replace(FAST, steps=1, grouped_lr_scale=scale))
+        base = p.base_values()
+        moves.append({k: v - base[k] for k, v in p.svf_values().items() if not torch.equal(v, base[k])})
+    assert moves[0].keys() == moves[1].keys()
+    assert any("conv_dw" in k for k in moves[0]) and any("conv_pw" in k for k in moves[0])
+    for key, move in moves[0].items():
+        factor = 2.0 if "conv_dw" in key else 1.0
+        torch.testing.assert_close(moves[1][key], factor * move, rtol=1e-5, atol=1e-7)
+
+
 def test_an_unknown_grouped_setting_is_refused_before_training(kernel_model, shots):
     p = _predictor(kernel_model, shots, 2)
     with pytest.raises(ValueError, match="grouped must be one of one_shot, always, never"):

@@ -8,6 +8,7 @@ import torch
 
 from svf_model import apply_svf
 from svf_model.adapt import AdaptConfig
+from svf_model.cue_report import layer_changes
 from svf_model.cues import cue_maps, singular_value_changes
 from svf_model.heads import build_head
 from svf_model.model import FewShotSegmenter
@@ -53,3 +54,18 @@ def test_cue_maps_have_image_size(adapted):
     assert maps.shape == (len(idx), h, w) and maps.dtype == np.float32
     assert np.allclose(maps.reshape(len(idx), -1).max(1), 1.0) and maps.min() >= 0.0
     assert not torch.equal(torch.from_numpy(maps[0]), torch.from_numpy(maps[-1]))
+
+
+def test_layer_changes_lists_only_the_adapted_layers(lite2, fss_dev):
+    m = FewShotSegmenter(lite2, build_head("prototype", lite2, stages=("layer2", "layer3", "layer4")))
+    apply_svf([m.backbone.layer4], parametrization="exp")
+    shots = fss_pairs(fss_dev, "horse", 2)
+    p = Predictor(m.eval(), image_size=129)
+    p.set_supports([s[0] for s in shots], [s[1] for s in shots])
+    every = singular_value_changes(p.model.backbone, p.base_values(), p.svf_values())
+    assert [c.name for c in layer_changes(p)] == [c.name for c in every] and not any(c.changed for c in every)
+    p.adapt(AdaptConfig(steps=2, lr=0.05, image_size=97, time_budget_s=None, gate="off", modules=["layer4.1"]))
+    changes = layer_changes(p)
+    assert len(every) > len(changes) == 2
+    assert all(c.name.startswith("layer4.1.") and c.changed for c in changes)
+    assert changes[0].score >= changes[1].score > 0
