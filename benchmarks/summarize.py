@@ -611,16 +611,11 @@ def against_full_table() -> str:
     fine-tuning of the decomposed convs' weights (``dense``) and of every weight of the block
     (``full``), on the first episodes all of them ran (:func:`_study_pairs`), each against ``full``
     paired. Only runs with a ``full`` study and at least one of the others."""
-    by_run: dict[int, tuple[dict, dict, dict[str, np.ndarray]]] = {}
-    for study, name, v, run, _, other in _study_pairs():
-        kernel = _variant_key(study, name, v) == "svf --grouped kernel"
-        if kernel or name in WEIGHT_TARGETS:
-            changes = by_run.setdefault(id(run), (run, study, {"SVF (defaults)": _changes(run)}))[2]
-            changes[KERNEL_SVF if kernel else f"`{name}`"] = other
     rows = ["| shots | run (model, seed) | episodes | adapts | change (pts, mean +- s.e.) | minus full, paired | "
             "losing > 5 pts |",
             "|---|---|---|---|---|---|---|"]
-    for _run, study, changes in sorted(by_run.values(), key=lambda r: (r[1]["shots"], r[1]["seed"])):
+    for _run, study, changes in sorted(_kernel_and_weight_changes().values(),
+                                       key=lambda r: (r[1]["shots"], r[1]["seed"])):
         full = f"`{WEIGHT_TARGETS[-1]}`"
         if full not in changes or len(changes) < 3:
             continue
@@ -655,6 +650,45 @@ def depthwise_step_table() -> str:
             label = f"{study['model']} ({study['seed']}) `{name}`"
             pooled.setdefault(key, []).append((label, kernel[1][:n], other[:n], _classes(study["variants"][name])[:n]))
     return _pooled_table(pooled, "kernel", "scaled step")
+
+
+def _kernel_and_weight_changes() -> dict[int, tuple[dict, dict, dict[str, np.ndarray]]]:
+    """Per ``evaluate --adapt`` run with the defaults: ``(run, a study, {label: per-episode changes})``
+    of SVF as run, of the ``svf`` variant of a ``--grouped kernel`` study (:data:`KERNEL_SVF`) and of
+    the :data:`WEIGHT_TARGETS` studies on its episodes (:func:`_study_pairs`)."""
+    by_run: dict[int, tuple[dict, dict, dict[str, np.ndarray]]] = {}
+    for study, name, v, run, _, other in _study_pairs():
+        kernel = _variant_key(study, name, v) == "svf --grouped kernel"
+        if kernel or name in WEIGHT_TARGETS:
+            changes = by_run.setdefault(id(run), (run, study, {"SVF (defaults)": _changes(run)}))[2]
+            changes[KERNEL_SVF if kernel else f"`{name}`"] = other
+    return by_run
+
+
+def kernel_against_full_table() -> str:
+    """1 shot, where the shipped default decomposes each depthwise filter: that SVF against full
+    fine-tuning of the block (``full:lr=0.001``) on the same episodes, every set taken together -
+    the sets of :func:`against_full_table` and the ``--grouped kernel`` studies that ran both
+    variants themselves (``--variants svf full:lr=0.001``)."""
+    full = WEIGHT_TARGETS[-1]
+    pooled: dict[tuple[int, tuple[str, ...]], list] = {}
+    for run, study, changes in _kernel_and_weight_changes().values():
+        if study["shots"] == 1 and KERNEL_SVF in changes and f"`{full}`" in changes:
+            n = min(len(changes[KERNEL_SVF]), len(changes[f"`{full}`"]))
+            classes = [e["class"] for e in run["episodes"][:n]]
+            pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
+                (f"{study['model']} ({study['seed']})", changes[KERNEL_SVF][:n], changes[f"`{full}`"][:n], classes))
+    for path in sorted(RESULTS.glob("adapt_study_*.json")):
+        study = json.loads(path.read_text())
+        variants = study["variants"]
+        if (study["shots"] != 1 or not study.get("comparison_targets_from_base") or full not in variants
+                or "svf" not in variants or _study_fold(study, variants["svf"]) != "kernel"):
+            continue
+        n = min(len(variants["svf"]["episodes"]), len(variants[full]["episodes"]))
+        pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
+            (f"{study['model']} ({study['seed']})", _changes(variants["svf"])[:n], _changes(variants[full])[:n],
+             _classes(variants["svf"])[:n]))
+    return _pooled_table(pooled, "kernel SVF", "full")
 
 
 def one_shot_step_table() -> str:
@@ -919,6 +953,8 @@ if __name__ == "__main__":
     print(pooled_variant_against_svf("svf --grouped kernel", "kernel"))
     print("\n### SVF, SVF with the depthwise filters decomposed, and weight fine-tuning on the same episodes\n")
     print(against_full_table())
+    print("\n### 1 shot: SVF with the depthwise filters decomposed against full fine-tuning, all paired sets\n")
+    print(kernel_against_full_table())
     print("\n### SVF with the depthwise filters decomposed: another step for their values, all paired studies\n")
     print(depthwise_step_table())
     print("\n### The 1-shot step: lr 0.01 (the default) against lr 0.03, all paired studies together\n")
