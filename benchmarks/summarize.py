@@ -635,12 +635,12 @@ def depthwise_step_table() -> str:
     at the common step (the ``svf`` variant of a ``--grouped kernel`` study), on the episodes of the
     same ``evaluate --adapt`` run that both ran, every paired study taken together per shot count and
     set of held-out classes."""
-    by_run: dict[int, tuple[dict, dict[str, tuple[dict, np.ndarray]]]] = {}
+    by_run: dict[int, dict[str, tuple[dict, np.ndarray]]] = {}
     for study, name, v, run, _, other in _study_pairs():
         if _study_fold(study, v) == "kernel":
-            by_run.setdefault(id(run), (run, {}))[1][_variant_key(study, name, v)] = (study, other)
+            by_run.setdefault(id(run), {})[_variant_key(study, name, v)] = (study, other)
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
-    for _run, variants in by_run.values():
+    for variants in by_run.values():
         kernel = variants.get("svf --grouped kernel")
         for name, (study, other) in variants.items():
             if kernel is None or "grouped_lr_scale" not in name:
@@ -669,8 +669,9 @@ def kernel_against_full_table() -> str:
     """1 shot, where the shipped default decomposes each depthwise filter: that SVF against full
     fine-tuning of the block (``full:lr=0.001``) on the same episodes, every set taken together -
     the sets of :func:`against_full_table` and the ``--grouped kernel`` studies that ran both
-    variants themselves (``--variants svf full:lr=0.001``)."""
+    variants themselves (``--variants svf full:lr=0.001``) on episodes of no ``evaluate`` run."""
     full = WEIGHT_TARGETS[-1]
+    runs = _runs_with_default_svf()
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     for run, study, changes in _kernel_and_weight_changes().values():
         if study["shots"] == 1 and KERNEL_SVF in changes and f"`{full}`" in changes:
@@ -682,7 +683,8 @@ def kernel_against_full_table() -> str:
         study = json.loads(path.read_text())
         variants = study["variants"]
         if (study["shots"] != 1 or not study.get("comparison_targets_from_base") or full not in variants
-                or "svf" not in variants or _study_fold(study, variants["svf"]) != "kernel"):
+                or "svf" not in variants or _study_fold(study, variants["svf"]) != "kernel"
+                or any(_same_episodes(study, variants["svf"], run) for run in runs)):
             continue
         n = min(len(variants["svf"]["episodes"]), len(variants[full]["episodes"]))
         pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
