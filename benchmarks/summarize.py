@@ -577,21 +577,28 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
     taken together per shot count. SVF's changes are the evaluate run's where it used today's step
     (:func:`default_lr`), else those of an ``svf:lr=`` study variant at that step on the same run's
     episodes (only the episodes both studies ran count)."""
-    by_run: dict[int, tuple[dict, dict, list]] = {}  # holds the runs, so that an id cannot be reused
-    for study, name, v, run, _, other in _study_pairs():
-        by_run.setdefault(id(run), (run, study, []))[2].append((_variant_key(study, name, v), other, v))
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
-    for run, study, variants in by_run.values():
+    for run, variants in _study_pairs_by_run():
+        study = variants[0][1]
         shots = study["shots"]
         step = default_lr(shots)
         svf = _changes(run) if run_lr(run) == step else next(
-            (c for name, c, _ in variants if name == f"svf:lr={step:g}"), None)
-        for name, other, v in variants:
-            if name == variant and svf is not None:
+            (c for key, _, _, c in variants if key == f"svf:lr={step:g}"), None)
+        for key, _, v, other in variants:
+            if key == variant and svf is not None:
                 n = min(len(svf), len(other))
                 pooled.setdefault((shots, ()), []).append(
                     (f"{study['model']} ({study['seed']})", svf[:n], other[:n], _classes(v)[:n]))
     return _pooled_table(pooled, "SVF", label)
+
+
+def _study_pairs_by_run() -> list[tuple[dict, list[tuple[str, dict, dict, np.ndarray]]]]:
+    """:func:`_study_pairs` grouped by their ``evaluate --adapt`` run, in the order they come:
+    ``(run, [(variant key (:func:`_variant_key`), study, variant, variant change), ...])``."""
+    by_run: dict[int, tuple[dict, list]] = {}  # holds the runs, so that an id cannot be reused
+    for study, name, v, run, _, other in _study_pairs():
+        by_run.setdefault(id(run), (run, []))[1].append((_variant_key(study, name, v), study, v, other))
+    return list(by_run.values())
 
 
 def _variant_key(study: dict, name: str, variant: dict) -> str:
@@ -614,8 +621,7 @@ def against_full_table() -> str:
     rows = ["| shots | run (model, seed) | episodes | adapts | change (pts, mean +- s.e.) | minus full, paired | "
             "losing > 5 pts |",
             "|---|---|---|---|---|---|---|"]
-    for _run, study, changes in sorted(_kernel_and_weight_changes().values(),
-                                       key=lambda r: (r[1]["shots"], r[1]["seed"])):
+    for _run, study, changes in sorted(_kernel_and_weight_changes(), key=lambda r: (r[1]["shots"], r[1]["seed"])):
         full = f"`{WEIGHT_TARGETS[-1]}`"
         if full not in changes or len(changes) < 3:
             continue
@@ -635,12 +641,9 @@ def depthwise_step_table() -> str:
     at the common step (the ``svf`` variant of a ``--grouped kernel`` study), on the episodes of the
     same ``evaluate --adapt`` run that both ran, every paired study taken together per shot count and
     set of held-out classes."""
-    by_run: dict[int, dict[str, tuple[dict, np.ndarray]]] = {}
-    for study, name, v, run, _, other in _study_pairs():
-        if _study_fold(study, v) == "kernel":
-            by_run.setdefault(id(run), {})[_variant_key(study, name, v)] = (study, other)
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
-    for variants in by_run.values():
+    for _run, pairs in _study_pairs_by_run():
+        variants = {key: (study, other) for key, study, v, other in pairs if _study_fold(study, v) == "kernel"}
         kernel = variants.get("svf --grouped kernel")
         for name, (study, other) in variants.items():
             if kernel is None or "grouped_lr_scale" not in name:
@@ -652,17 +655,20 @@ def depthwise_step_table() -> str:
     return _pooled_table(pooled, "kernel", "scaled step")
 
 
-def _kernel_and_weight_changes() -> dict[int, tuple[dict, dict, dict[str, np.ndarray]]]:
+def _kernel_and_weight_changes() -> list[tuple[dict, dict, dict[str, np.ndarray]]]:
     """Per ``evaluate --adapt`` run with the defaults: ``(run, a study, {label: per-episode changes})``
     of SVF as run, of the ``svf`` variant of a ``--grouped kernel`` study (:data:`KERNEL_SVF`) and of
-    the :data:`WEIGHT_TARGETS` studies on its episodes (:func:`_study_pairs`)."""
-    by_run: dict[int, tuple[dict, dict, dict[str, np.ndarray]]] = {}
-    for study, name, v, run, _, other in _study_pairs():
-        kernel = _variant_key(study, name, v) == "svf --grouped kernel"
-        if kernel or name in WEIGHT_TARGETS:
-            changes = by_run.setdefault(id(run), (run, study, {"SVF (defaults)": _changes(run)}))[2]
-            changes[KERNEL_SVF if kernel else f"`{name}`"] = other
-    return by_run
+    the :data:`WEIGHT_TARGETS` studies on its episodes (:func:`_study_pairs_by_run`)."""
+    found = []
+    for run, variants in _study_pairs_by_run():
+        chosen = [(key, study, other) for key, study, _, other in variants
+                  if key == "svf --grouped kernel" or key in WEIGHT_TARGETS]
+        if chosen:
+            changes = {"SVF (defaults)": _changes(run)}
+            changes.update((KERNEL_SVF if key == "svf --grouped kernel" else f"`{key}`", other)
+                           for key, _, other in chosen)
+            found.append((run, chosen[0][1], changes))
+    return found
 
 
 def kernel_against_full_table() -> str:
@@ -673,7 +679,7 @@ def kernel_against_full_table() -> str:
     full = WEIGHT_TARGETS[-1]
     runs = _runs_with_default_svf()
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
-    for run, study, changes in _kernel_and_weight_changes().values():
+    for run, study, changes in _kernel_and_weight_changes():
         if study["shots"] == 1 and KERNEL_SVF in changes and f"`{full}`" in changes:
             n = min(len(changes[KERNEL_SVF]), len(changes[f"`{full}`"]))
             classes = [e["class"] for e in run["episodes"][:n]]
