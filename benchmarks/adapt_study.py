@@ -53,7 +53,8 @@ from svf_model.evaluate import add_grouped_argument  # noqa: E402
 from svf_model.imageio import load_image  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
 from svf_model.preprocess import letterbox_image, unletterbox_logits  # noqa: E402
-from svf_model.registry import adapt_fold, load_model  # noqa: E402
+from svf_model.registry import adapt_fold, grouped_fold_of, load_model  # noqa: E402
+from svf_model.svf import make_adaptable  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
 
@@ -131,10 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.checkpoint:
-        if args.grouped not in (None, "none"):
-            ap.error("--grouped needs a registry model (--model)")
-        args.grouped = False
+        args.grouped = grouped_fold_of(args.grouped or "none") or False
         model, meta = load_checkpoint(args.checkpoint)
+        make_adaptable(model.backbone, args.adapt_modules, args.grouped or None)
         model.adapt_modules = list(args.adapt_modules)
         model_name, size = Path(args.checkpoint).name, args.size or int(meta.get("image_size") or 321)
     else:

@@ -37,9 +37,15 @@ done
 evaluate refine_svf 2 --checkpoint runs/far_lite2_refine_svf/model.safetensors
 
 if [[ "${1:-}" == "--adapt" ]]; then
-  for shots in 1 5; do  # the registry's adapt modules of the shipped model: layer4.1
+  # The committed runs adapted the shipped model's adapt block (layer4.1) at lr 0.03, the 1-shot step
+  # before 2026-12-05, with its depthwise filters whole; the study then adapts them as the shipped
+  # default does today at 1 shot (lr 0.01, each depthwise filter's 3 singular values too).
+  for shots in 1 5; do
     python -m svf_model.evaluate --checkpoint runs/far_dual_svf_lite2.safetensors --data "$DATA" --classes $CLASSES \
-      --shots "$shots" --episodes 300 --seed 0 --size 321 --threads 1 --quiet --adapt --adapt-set modules=layer4.1 \
-      --json "$OUT/far_adapt_dual_svf_${shots}shot.json"
+      --shots "$shots" --episodes 300 --seed 0 --size 321 --threads 1 --quiet --adapt \
+      --adapt-set modules=layer4.1 lr=0.03 --json "$OUT/far_adapt_dual_svf_${shots}shot.json"
   done
+  python benchmarks/adapt_study.py --checkpoint runs/far_dual_svf_lite2.safetensors --grouped kernel --data "$DATA" \
+    --classes $CLASSES --shots 1 --episodes 300 --seed 0 --size 321 --threads 1 --variants svf \
+    --json "$OUT/adapt_study_far_dual_1shot_kernel.json"
 fi

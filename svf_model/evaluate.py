@@ -96,8 +96,18 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
     -> ``(model, info)``; ``info`` may hold ``image_size``."""
     if args.checkpoint:
         from .checkpoint import load_checkpoint
+        from .registry import grouped_fold_of
 
         model, meta = load_checkpoint(args.checkpoint)
+        fold = grouped_fold_of(getattr(args, "adapt_grouped", None) or "none")
+        if fold:
+            modules = parse_adapt_options(getattr(args, "adapt_set", [])).get("modules")
+            if not modules:
+                raise SystemExit("--adapt-grouped with --checkpoint needs the modules that adapt: "
+                                 "--adapt-set modules=layer4.1")
+            from .svf import make_adaptable
+
+            make_adaptable(model.backbone, modules, fold)
         return model, {"image_size": int(meta["image_size"]) if "image_size" in meta else None, "meta": meta}
     from .heads import build_head, list_heads
 
@@ -342,11 +352,11 @@ def add_grouped_argument(parser: argparse.ArgumentParser, flag: str) -> None:
     """``flag [per-group|shared|kernel|none]``: the ``adapt_grouped`` of :func:`svf_model.registry.load_model`
     (``None`` when not given: the registry entry's; the bare flag: ``per-group``)."""
     parser.add_argument(flag, nargs="?", const="per-group", default=None, choices=(*GROUPED_FOLDS, "none"),
-                        help="registered models: how the adapt modules' depthwise convs are decomposed (their "
+                        help="how the adapt modules' depthwise convs are decomposed (their "
                              "values adapt as AdaptConfig.grouped says): group by group, with 'shared' as one "
                              "filter bank (shared basis filters), with 'kernel' each depthwise filter as a kh x kw "
                              "matrix (its separable components' weights), or 'none' (not decomposed); default: "
-                             "the registry entry's")
+                             "the registry entry's (with a checkpoint file: none)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -169,7 +169,7 @@ def load_model(
     from .backbones import build_backbone
     from .heads import build_head
     from .model import FewShotSegmenter
-    from .svf import apply_svf, svf_layers
+    from .svf import make_adaptable
 
     default, entries = read_registry(registry)
     name = name or default
@@ -189,13 +189,7 @@ def load_model(
         from .checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(path)
-    have = [name for name, _ in svf_layers(model.backbone)]
-    missing = [m for m in entry.adapt_modules if not any(n == m or n.startswith(m + ".") for n in have)]
-    if missing:
-        apply_svf([model.backbone.get_submodule(m) for m in missing], parametrization=entry.parametrization)
-    if fold:
-        apply_svf([model.backbone.get_submodule(m) for m in entry.adapt_modules], kinds={"grouped"},
-                  parametrization=entry.parametrization, grouped_fold=fold)
+    make_adaptable(model.backbone, entry.adapt_modules, fold, entry.parametrization)
     for p in model.parameters():
         p.requires_grad_(False)
     model.name = entry.name

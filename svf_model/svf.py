@@ -499,6 +499,29 @@ def fold_svf(module: nn.Module | Iterable[nn.Module]) -> nn.Module | list[nn.Mod
     return module
 
 
+def make_adaptable(
+    backbone: nn.Module,
+    modules: Iterable[str],
+    grouped_fold: GroupedFold | None = None,
+    parametrization: Parametrization | None = None,
+) -> None:
+    """Give each of ``backbone``'s ``modules`` (dotted paths such as ``"layer4.1"``) SVF layers to
+    adapt: its dense convs are decomposed where none of its layers is yet, and with ``grouped_fold``
+    its grouped/depthwise convs too (see :func:`apply_svf`). ``parametrization`` ``None``: that of
+    the backbone's SVF layers, ``"direct"`` if it has none."""
+    modules = list(modules)
+    layers = list(svf_layers(backbone))
+    if parametrization is None:
+        parametrization = layers[0][1].sv.parametrization if layers else "direct"
+    names = [name for name, _ in layers]
+    missing = [m for m in modules if not any(n == m or n.startswith(m + ".") for n in names)]
+    if missing:
+        apply_svf([backbone.get_submodule(m) for m in missing], parametrization=parametrization)
+    if grouped_fold:
+        apply_svf([backbone.get_submodule(m) for m in modules], kinds={"grouped"},
+                  parametrization=parametrization, grouped_fold=grouped_fold)
+
+
 def set_svf_form(module: nn.Module | Iterable[nn.Module], form: Form) -> None:
     """Switch the training forward form of every SVF layer inside ``module``."""
     for _, layer in svf_layers(module):

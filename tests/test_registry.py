@@ -115,6 +115,27 @@ def test_evaluate_records_the_depthwise_fold_it_loaded(flag: list[str], recorded
     assert decomposed == bool(recorded)
 
 
+def test_evaluate_decomposes_a_checkpoint_files_depthwise_filters_in_the_modules_that_adapt():
+    """A model file (here the shipped one, read as a ``--checkpoint``) has no registry entry to say how
+    its depthwise convs adapt: ``--adapt-grouped`` decomposes them in the ``modules`` of ``--adapt-set``
+    (the far-transfer studies, README "Adaptation"), and refuses to guess the modules."""
+    from svf_model.evaluate import build_predictor, parse_args
+
+    path = Path("checkpoints") / "refine_dual_svf_lite2_fssdev.safetensors"
+    common = ["--data", "unused", "--json", "unused.json", "--checkpoint", str(path)]
+    plain = build_predictor(parse_args(common))
+    assert not any(layer.groups > 1 for _, layer in svf_layers(plain.model.backbone))
+    args = parse_args([*common, "--adapt-grouped", "kernel", "--adapt-set", "modules=layer4.1"])
+    model = build_predictor(args).model
+    depthwise = {name: layer.kind for name, layer in svf_layers(model.backbone) if layer.groups > 1}
+    assert depthwise and all(name.startswith("layer4.1.") for name in depthwise), depthwise
+    assert set(depthwise.values()) == {"3x3 depthwise kernel"} and args.adapt_grouped == "kernel"
+    dense = {name for name, layer in svf_layers(model.backbone) if layer.groups == 1}
+    assert dense == {name for name, _ in svf_layers(plain.model.backbone)}  # the file's own values stay
+    with pytest.raises(SystemExit, match="modules=layer4.1"):
+        build_predictor(parse_args([*common, "--adapt-grouped", "kernel"]))
+
+
 def test_an_unknown_depthwise_decomposition_is_refused_before_loading():
     with pytest.raises(ValueError, match="adapt_grouped must be"):
         load_model(adapt_grouped="rows")
