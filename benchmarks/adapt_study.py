@@ -23,8 +23,8 @@ convs of the model's adapt modules are decomposed (``apply_svf(kinds={"grouped"}
 value per depthwise channel; ``--grouped shared``: the filter bank folded as one matrix, one singular
 value per shared basis filter; ``--grouped kernel``: each channel's 3x3 filter decomposed as a 3x3
 matrix, three singular values per channel; ``--grouped none``: not at all; default: the registry
-entry's ``adapt_grouped``), and ``svf`` variants train those values as ``AdaptConfig.grouped`` says
-(by default with one shot only; ``svf:grouped=always`` with any number).
+entry's ``adapt_grouped``, with ``--checkpoint`` none), and ``svf`` variants train those values as
+``AdaptConfig.grouped`` says (by default with one shot only; ``svf:grouped=always`` with any number).
 Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
 that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
 """
