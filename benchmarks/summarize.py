@@ -570,13 +570,14 @@ def study_against_evaluate_table() -> str:
     return "\n".join(rows)
 
 
-def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "full") -> str:
+def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "full", files_apart: bool = False) -> str:
     """A study variant (by default full fine-tuning of the adapt blocks; ``dense:lr=0.001``: of the
     convs SVF decomposes; ``svf --grouped kernel``: the ``svf`` variant of a ``--grouped kernel``
     study) against SVF adaptation with today's defaults, every paired study of :func:`_study_pairs`
-    taken together per shot count. SVF's changes are the evaluate run's where it used today's step
-    (:func:`default_lr`), else those of an ``svf:lr=`` study variant at that step on the same run's
-    episodes (only the episodes both studies ran count)."""
+    taken together per shot count (with ``files_apart``, the studies of a model file - the far-transfer
+    split's - in rows of their own, per set of held-out classes). SVF's changes are the evaluate run's
+    where it used today's step (:func:`default_lr`), else those of an ``svf:lr=`` study variant at that
+    step on the same run's episodes (only the episodes both studies ran count)."""
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     for run, variants in _study_pairs_by_run():
         study = variants[0][1]
@@ -587,7 +588,8 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
         for key, _, v, other in variants:
             if key == variant and svf is not None:
                 n = min(len(svf), len(other))
-                pooled.setdefault((shots, ()), []).append(
+                model_file = files_apart and study["model"].endswith(".safetensors")
+                pooled.setdefault((shots, tuple(sorted(study["held_out"])) if model_file else ()), []).append(
                     (f"{study['model']} ({study['seed']})", svf[:n], other[:n], _classes(v)[:n]))
     return _pooled_table(pooled, "SVF", label)
 
@@ -748,7 +750,8 @@ def _pooled_table(pooled: dict[tuple[int, tuple[str, ...]], list], first: str, s
 def per_class_table(name: str) -> str:
     """Mean IoU change per class and per kind (``_kind``) of one ``eval_adapt_*.json`` run, or of an
     ``adapt_study_*.json`` file's variants next to the default SVF of the evaluate run whose episodes
-    they share (:func:`_same_episodes`), with the variant minus SVF paired."""
+    they share (:func:`_same_episodes`), with the variant minus SVF paired, on the episodes all of
+    them ran."""
     data = json.loads((RESULTS / name).read_text())
     columns: dict[str, np.ndarray] = {}
     if "variants" in data:
@@ -756,15 +759,18 @@ def per_class_table(name: str) -> str:
         for variant, v in data["variants"].items():
             run = next((r for r in runs if _same_episodes(data, v, r)), None)
             change = _changes(v)
-            svf = None if run is None else _changes(run)[:len(change)]
+            svf = None if run is None else _changes(run)
+            n = len(change) if svf is None else min(len(change), len(svf))
             if svf is not None:
-                columns["SVF (evaluate run)"] = svf
-            columns[variant] = change
+                columns["SVF (evaluate run)"] = svf[:n]
+            columns[variant] = change[:n]
             if svf is not None:
-                columns[f"{variant} minus SVF"] = change - svf
+                columns[f"{variant} minus SVF"] = change[:n] - svf[:n]
         episodes = next(iter(data["variants"].values()))["episodes"]
     else:
         columns["change"], episodes = _changes(data), data["episodes"]
+    n = min(len(c) for c in columns.values())  # the episodes every column ran
+    columns, episodes = {k: c[:n] for k, c in columns.items()}, episodes[:n]
     classes = np.array([e["class"] for e in episodes])
     groups = [(c, classes == c) for c in dict.fromkeys(classes)]
     kind = (lambda c: FAR_KIND_NAMES[FAR_KINDS[c]]) if set(classes) <= set(FAR_KINDS) else _kind
@@ -958,7 +964,7 @@ if __name__ == "__main__":
     print("\n### Fine-tuning the convs SVF decomposes against SVF with the default step, all paired studies\n")
     print(pooled_variant_against_svf("dense:lr=0.001", "dense"))
     print("\n### SVF with each depthwise filter decomposed against SVF with the default step, all paired studies\n")
-    print(pooled_variant_against_svf("svf --grouped kernel", "kernel"))
+    print(pooled_variant_against_svf("svf --grouped kernel", "kernel", files_apart=True))
     print("\n### SVF, SVF with the depthwise filters decomposed, and weight fine-tuning on the same episodes\n")
     print(against_full_table())
     print("\n### 1 shot: SVF with the depthwise filters decomposed against full fine-tuning, all paired sets\n")
