@@ -98,13 +98,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
         from .checkpoint import load_checkpoint
         from .registry import grouped_fold_of
 
-        model, meta = load_checkpoint(args.checkpoint)
         fold = grouped_fold_of(getattr(args, "adapt_grouped", None) or "none")
+        modules = parse_adapt_options(getattr(args, "adapt_set", [])).get("modules")
+        if fold and not modules:
+            raise SystemExit("--adapt-grouped with --checkpoint needs the modules that adapt: "
+                             "--adapt-set modules=layer4.1")
+        model, meta = load_checkpoint(args.checkpoint)
         if fold:
-            modules = parse_adapt_options(getattr(args, "adapt_set", [])).get("modules")
-            if not modules:
-                raise SystemExit("--adapt-grouped with --checkpoint needs the modules that adapt: "
-                                 "--adapt-set modules=layer4.1")
             from .svf import make_adaptable
 
             make_adaptable(model.backbone, modules, fold)
