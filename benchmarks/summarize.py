@@ -684,9 +684,9 @@ def kernel_against_full_table() -> str:
     for run, study, changes in _kernel_and_weight_changes():
         if study["shots"] == 1 and KERNEL_SVF in changes and f"`{full}`" in changes:
             n = min(len(changes[KERNEL_SVF]), len(changes[f"`{full}`"]))
-            classes = [e["class"] for e in run["episodes"][:n]]
             pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
-                (f"{study['model']} ({study['seed']})", changes[KERNEL_SVF][:n], changes[f"`{full}`"][:n], classes))
+                (f"{study['model']} ({study['seed']})", changes[KERNEL_SVF][:n], changes[f"`{full}`"][:n],
+                 _classes(run)[:n]))
     for path in sorted(RESULTS.glob("adapt_study_*.json")):
         study = json.loads(path.read_text())
         variants = study["variants"]

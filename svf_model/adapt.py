@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -90,7 +89,8 @@ class AdaptConfig:
         grouped_lr_scale: the step of the decomposed grouped convs' values relative to ``lr`` (when
             they train). With the shipped default model, 3 at 1 shot changed nothing on average
             (paired +0.01 +- 0.19 over 534 held-out episodes, 10 % against 8 % losing more than 5);
-            0.33 at 5 shots gained less than 1 (paired -0.48 +- 0.39 over 385) (README, "Adaptation").
+            0.33 at 5 shots gained less than the common step (paired -0.48 +- 0.39 over 385)
+            (README, "Adaptation").
         target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
             (BatchNorm affine of the SVF stages), ``"depthwise"`` (the filters of their grouped /
             depthwise convs, which SVF leaves whole), ``"dense"`` (every weight of exactly the convs
@@ -317,12 +317,12 @@ def adapted_layers(
 
 @contextlib.contextmanager
 def _only_singular_values_train(
-    model: FewShotSegmenter, modules: list[str] | None = None, grouped: bool = True, grouped_lr_scale: float = 1.0
+    model: FewShotSegmenter, config: AdaptConfig, grouped: bool = True
 ) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
-    """Make exactly the chosen SVF parameters trainable (grouped convs' only if ``grouped``); restore
-    every ``requires_grad`` afterwards. Yields ``(parameter, step scale)`` pairs; grouped convs' scales
-    are multiplied by ``grouped_lr_scale``."""
-    layers = adapted_layers(model, modules, grouped)
+    """Make exactly the SVF parameters of ``config.modules`` trainable (grouped convs' only if
+    ``grouped``); restore every ``requires_grad`` afterwards. Yields ``(parameter, step scale)`` pairs;
+    grouped convs' scales are multiplied by ``config.grouped_lr_scale``."""
+    layers = adapted_layers(model, config.modules, grouped)
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -331,7 +331,7 @@ def _only_singular_values_train(
         p = layer.sv.trainable
         p.requires_grad_(True)
         scale = 1.0 if layer.sv.parametrization == "exp" else float(layer.sv.s0.abs().mean())
-        params.append((p, scale * (grouped_lr_scale if layer.groups > 1 else 1.0)))
+        params.append((p, scale * (config.grouped_lr_scale if layer.groups > 1 else 1.0)))
     try:
         yield params
     finally:
@@ -375,12 +375,12 @@ def _baseline_target(target: str):
 
     @contextlib.contextmanager
     def trainer(
-        model: FewShotSegmenter, modules: list[str] | None = None, grouped: bool = True
+        model: FewShotSegmenter, config: AdaptConfig, grouped: bool = True
     ) -> Iterator[list[tuple[torch.nn.Parameter, float]]]:
         from .svf import fold_svf
 
-        stages = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, modules)})
-        decomposed = [name for name, _ in adapted_layers(model, modules, grouped)]
+        stages = sorted({name.rsplit(".", 1)[0] for name, _ in adapted_layers(model, config.modules)})
+        decomposed = [name for name, _ in adapted_layers(model, config.modules, grouped)]
         roots = [model.backbone.get_submodule(s) for s in stages]
         if target == "depthwise" and not any(getattr(m, "groups", 1) > 1 for r in roots for m in r.modules()):
             raise ValueError(f"target 'depthwise': no grouped or depthwise convs in {', '.join(stages)}")
@@ -494,12 +494,9 @@ def adapt_svf(
     model.eval()
     result = AdaptResult(0, 0.0, lr=config.lr)
     train_grouped = config.trains_grouped(k)
-    if config.target == "svf":
-        trainer = functools.partial(_only_singular_values_train, grouped_lr_scale=config.grouped_lr_scale)
-    else:
-        trainer = _baseline_target(config.target)
+    trainer = _only_singular_values_train if config.target == "svf" else _baseline_target(config.target)
     objective = adaptation_objective(model, config.objective)
-    with trainer(model, config.modules, train_grouped) as params, model.backbone.memoize():
+    with trainer(model, config, train_grouped) as params, model.backbone.memoize():
         initial = [p.detach().clone() for p, _ in params]
         if config.gate != "off":
             result.support_iou_before = support_score(model, check)
