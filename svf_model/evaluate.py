@@ -273,7 +273,10 @@ def evaluate(
             if adapt:
                 record["iou_before"] = before.update(ep.class_name, pred, ep.query_mask)
                 t0 = time.perf_counter()
-                record.update(gate_record(_adapt(predictor, adapt_steps, adapt_options)))
+                adaptation = _adapt(predictor, adapt_steps, adapt_options)
+                record.update(gate_record(adaptation))
+                if isinstance(getattr(adaptation, "steps", None), int):  # fewer than asked: the time budget ran out
+                    record["adapt_steps"] = adaptation.steps
                 adapt_seconds.append(time.perf_counter() - t0)
                 pred = predictor.predict(ep.query).mask
                 predictor.reset()

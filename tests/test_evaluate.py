@@ -138,6 +138,7 @@ def test_real_adaptation_if_available(fss_dev):
     assert len(result["episodes"]) == 2
     assert all(0 <= e["iou_before"] <= 1 and 0 <= e["iou_after"] <= 1 for e in result["episodes"])
     assert result["adapt_seconds"]["median"] > 0
+    assert [e["adapt_steps"] for e in result["episodes"]] == [2, 2]  # all steps ran: no time budget cut them
     # The support gate (default) is recorded per episode; an undone adaptation predicts as before.
     for e in result["episodes"]:
         assert 0 <= e["support_iou_before"] <= 1 and 0 <= e["support_iou_after"] <= 1
@@ -158,3 +159,29 @@ def test_trivial_floors_follow_the_labels(fss_dev):
     assert floors["all_foreground"]["miou"] == pytest.approx(100 * meter.miou)
     assert floors["all_background"]["miou"] == 0.0
     assert 0 < floors["all_foreground"]["miou"] < 100
+
+
+def test_device_check_pairs_a_run_with_the_cpu_run_of_the_same_episodes(tmp_path):
+    """benchmarks/device_check.py compares a GPU run with the committed CPU run episode by episode."""
+    from tests.helpers import load_benchmark
+
+    device_check = load_benchmark("device_check")
+    results = device_check.RESULTS
+    reference = results / "eval_adapt_dual_5shot_everyday_seed3.json"
+    run = json.loads(reference.read_text())
+    run["episodes"] = run["episodes"][:20]
+    run["episodes"][0]["iou_after"] += 0.10
+    run["episodes"][1]["query"] = "elsewhere.jpg"  # not the same episode: left out
+    run["episodes"][2]["adapt_steps"] = 4  # the time budget stopped it after 4 of 10 steps
+    path = tmp_path / "device.json"
+    path.write_text(json.dumps(run))
+    out = device_check.compare_with_cpu(path, reference)
+    assert (out["paired_episodes"], out["device_episodes"], out["cut_by_time_budget"]) == (19, 20, 1)
+    assert out["mean_abs_diff_before_pts"] == 0 and out["same_gate_decision"] == 1
+    assert out["mean_abs_diff_after_pts"] == pytest.approx(10 / 19)
+    # Against an adapt_study file: the seed-12 run adapted without the depthwise values, the study with
+    # them (decomposed, so their recomposed filters differ from the whole ones in the last bits).
+    one_shot = results / "eval_adapt_dual_1shot_everyday_seed12.json"
+    out = device_check.compare_with_cpu(one_shot, results / "adapt_study_dual_1shot_everyday_seed12_kernel.json")
+    assert out["paired_episodes"] == 180 and out["mean_abs_diff_before_pts"] < 0.01
+    assert out["mean_abs_diff_after_pts"] > 0.1 and out["cpu_adapt_seconds"]["median"] > 0
