@@ -228,7 +228,8 @@ def evaluate(
             with ``adapt=True``), or a callable that returns one.
         episodes: loaded episodes (e.g. an ``EpisodeSet``).
         adapt: also adapt on each episode's supports; the scores are then those after adaptation,
-            and ``iou_before``/``miou_before``/``fbiou_before`` those without.
+            and ``iou_before``/``miou_before``/``fbiou_before`` those without; each episode also
+            records the support gate's scores and decision and ``adapt_steps``, the steps that ran.
         adapt_steps, adapt_options: passed to the predictor's ``adapt`` (``AdaptConfig`` fields).
         relpath: maps paths for the report (e.g. ``source.relpath``).
         config: stored as ``result["config"]``.
@@ -275,7 +276,7 @@ def evaluate(
                 t0 = time.perf_counter()
                 adaptation = _adapt(predictor, adapt_steps, adapt_options)
                 record.update(gate_record(adaptation))
-                if isinstance(getattr(adaptation, "steps", None), int):  # fewer than asked: the time budget ran out
+                if isinstance(getattr(adaptation, "steps", None), int):  # fewer than asked when time ran out
                     record["adapt_steps"] = adaptation.steps
                 adapt_seconds.append(time.perf_counter() - t0)
                 pred = predictor.predict(ep.query).mask
