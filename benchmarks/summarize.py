@@ -591,7 +591,7 @@ def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "ful
                 model_file = files_apart and study["model"].endswith(".safetensors")
                 pooled.setdefault((shots, tuple(sorted(study["held_out"])) if model_file else ()), []).append(
                     (f"{study['model']} ({study['seed']})", svf[:n], other[:n], _classes(v)[:n]))
-    return _pooled_table(pooled, "SVF", label)
+    return _pooled_table(pooled, "SVF", label, by_kind=files_apart)
 
 
 def _study_pairs_by_run() -> list[tuple[dict, list[tuple[str, dict, dict, np.ndarray]]]]:
@@ -725,9 +725,11 @@ def _classes(variant: dict) -> list[str]:
     return [e["class"] for e in variant["episodes"]]
 
 
-def _pooled_table(pooled: dict[tuple[int, tuple[str, ...]], list], first: str, second: str) -> str:
+def _pooled_table(pooled: dict[tuple[int, tuple[str, ...]], list], first: str, second: str,
+                  by_kind: bool = False) -> str:
     """``{(shots, held-out classes or ()): [(run label, first's change, second's change, classes)]}``
-    -> one row per key, and per kind where the classes are fss-dev's of several kinds."""
+    -> one row per key, and per kind where the key's held-out classes (with ``by_kind``, the episodes'
+    classes of a key without them) are fss-dev's of several kinds."""
     rows = [f"| shots | runs (model, seed) | episodes | {first} change (pts, mean +- s.e.) | {second} change | "
             f"{second} minus {first}, paired | losing > 5 pts: {first} / {second} |",
             "|---|---|---|---|---|---|---|"]
@@ -736,8 +738,9 @@ def _pooled_table(pooled: dict[tuple[int, tuple[str, ...]], list], first: str, s
         a = np.concatenate([p[1] for p in parts])
         b = np.concatenate([p[2] for p in parts])
         groups = [(", ".join(p[0] for p in parts), np.ones(len(a), bool))]
-        if split and _has_kinds(split):
-            kinds = np.array([_kind(c) for p in parts for c in p[3]])
+        classes = [c for p in parts for c in p[3]]
+        if (split and _has_kinds(split)) or (by_kind and not split and _has_kinds(classes)):
+            kinds = np.array([_kind(c) for c in classes])
             if len(set(kinds)) > 1:
                 groups += [(f"the same: {k}", kinds == k) for k in _kind_order(kinds)]
         for runs, m in groups:

@@ -82,13 +82,13 @@ class AdaptConfig:
         grouped: when the singular values of decomposed grouped (depthwise) convs train, for a model
             that decomposes them (registry ``adapt_grouped``): ``"one_shot"`` (with one shot only),
             ``"always"`` or ``"never"``. With the shipped default model and each depthwise filter
-            decomposed (``adapt_grouped="kernel"``), 1 shot: +1.21 IoU points against +0.55 without
-            them (paired +0.66 +- 0.15 over 954 held-out episodes in five sets, 7.3 % against 6.0 %
+            decomposed (``adapt_grouped="kernel"``), 1 shot: +1.18 IoU points against +0.56 without
+            them (paired +0.62 +- 0.14 over 1,020 held-out episodes in five sets, 7 % against 6 %
             losing more than 5); 5 shots: +0.64 +- 0.30 more, but 16.5 % against 11.5 % of 685
             episodes losing more than 5 (README, "Adaptation").
         grouped_lr_scale: the step of the decomposed grouped convs' values relative to ``lr`` (when
             they train). With the shipped default model, 3 at 1 shot changed nothing on average
-            (paired +0.01 +- 0.19 over 534 held-out episodes, 10 % against 8 % losing more than 5);
+            (paired +0.02 +- 0.17 over 600 held-out episodes, 10 % against 8 % losing more than 5);
             0.33 at 5 shots gained less than the common step (paired -0.48 +- 0.39 over 385)
             (README, "Adaptation").
         target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
