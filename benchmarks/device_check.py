@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--episodes", type=int, default=40)
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    r.add_argument("--budget-s", type=float, default=480.0, help="stop starting steps after this many seconds")
+    r.add_argument("--budget-s", type=float, default=420.0, help="stop starting steps after this many seconds")
     r.set_defaults(func=run)
     args = ap.parse_args(argv)
     args.func(args)
