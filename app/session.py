@@ -46,9 +46,12 @@ class ModelStore:
         default: the model new sessions start with (``None``: the registry's default).
         image_size: overrides every entry's ``image_size`` (tests and small machines).
         device: ``"cpu"``/``"cuda"`` (``None``: CUDA when present).
+        flip: segment each query also mirrored and average the two (``Predictor.flip``; README,
+            "Accuracy of the shipped model").
     """
 
-    def __init__(self, default: str | None = None, image_size: int | None = None, device: str | None = None):
+    def __init__(self, default: str | None = None, image_size: int | None = None, device: str | None = None,
+                 flip: bool = True):
         names = list_models()
         if default is not None and default not in names:
             raise InputError(f"unknown model {default!r}; registered: {', '.join(names)}")
@@ -56,6 +59,7 @@ class ModelStore:
         self.default = default or names[0]
         self.image_size = image_size
         self.device = torch.device(device) if device else default_device()
+        self.flip = flip
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
@@ -91,7 +95,7 @@ class ModelStore:
     def predictor(self, name: str | None = None) -> tuple[Predictor, LoadedModel]:
         loaded = self.get(name)
         pred = Predictor(loaded.model, loaded.image_size, device=self.device, max_shots=MAX_SHOTS,
-                         model_name=loaded.entry.name)
+                         model_name=loaded.entry.name, flip=self.flip)
         return pred, loaded
 
 

@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the app")
     parser.add_argument("--repeats", type=int, default=3, help="Segment repeats (the median is reported)")
+    parser.add_argument("--no-flip", action="store_true", help="start the app with --no-flip (queries not mirrored)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -81,6 +82,8 @@ def main() -> None:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_flip:
+        cmd += ["--no-flip"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     env.pop("SVF_APP_IMAGE_SIZE", None)
     url = f"http://127.0.0.1:{port}/"
@@ -131,6 +134,7 @@ def main() -> None:
         "device": device.group(1) if device else None,
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads or "default",
+        "flip": not args.no_flip,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "page_ready_s": round(page_ready, 2),
         "first_event_s": round(first_event, 2),

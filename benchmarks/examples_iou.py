@@ -10,7 +10,7 @@ each episode is also scored after adapting on its shots with the defaults (then 
 ``svf_model.evaluate``).
 
     HF_HUB_OFFLINE=1 python benchmarks/examples_iou.py [--models NAME|FILE.safetensors ...] [--size 321] \
-        [--adapt [--adapt-grouped none|kernel|...]] [--json OUT]
+        [--adapt [--adapt-grouped none|kernel|...]] [--flip] [--json OUT]
 """
 
 from __future__ import annotations
@@ -64,16 +64,18 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
 
 
-def run(model_name: str, size: int | None, adapt: bool = False, grouped: str | None = None) -> list[dict]:
+def run(model_name: str, size: int | None, adapt: bool = False, grouped: str | None = None,
+        flip: bool = False) -> list[dict]:
     """``model_name``: a registry name or a model file (``.safetensors``, e.g. a training run's); with
-    ``adapt`` each row also holds ``iou_after`` (adapted with the defaults on the episode's shots)."""
+    ``adapt`` each row also holds ``iou_after`` (adapted with the defaults on the episode's shots);
+    ``flip``: each query also segmented mirrored (``Predictor.flip``, as the app does)."""
     if model_name.endswith(".safetensors"):
         model, meta = load_checkpoint(model_name)
         default_size, name = meta.get("image_size", 321), Path(model_name).name
     else:
         model, entry = load_model(model_name, adapt_grouped=grouped)
         default_size, name = entry.image_size, entry.name
-    predictor = Predictor(model, image_size=size or default_size, device="cpu", model_name=name)
+    predictor = Predictor(model, image_size=size or default_size, device="cpu", model_name=name, flip=flip)
     rows = []
     for group, supports, query in episodes():
         pairs = [_pair(s) for s in supports]
@@ -96,10 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=None, help="letterbox size (default: each model's)")
     ap.add_argument("--adapt", action="store_true", help="also score each episode after adapting on its shots")
     add_grouped_argument(ap, "--adapt-grouped")
+    ap.add_argument("--flip", action="store_true", help="also segment each query mirrored, as the app does")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     names = args.models or list_models()
-    results = {name: run(name, args.size, args.adapt, args.adapt_grouped) for name in names}
+    suffix = " (`--flip`)" if args.flip else ""
+    results = {name + suffix: run(name, args.size, args.adapt, args.adapt_grouped, args.flip) for name in names}
     print("| model | 1 shot: mean IoU (10 episodes) | 2 shots: mean IoU (3 episodes) "
           "| person / motorcycle / coins, 1 shot |")
     print("|---|---|---|---|")
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
                 changes = " ".join(f"{d:+.1f}" for d in after - before)
                 print(f"| {name} | {k} | {len(chosen)} | {before.mean():.1f} -> {after.mean():.1f} | {changes} | "
                       f"{sum(r['reverted'] for r in chosen)} |")
-    report = {"size": args.size, "adapt": args.adapt, "adapt_grouped": args.adapt_grouped, "models": results}
+    report = {"size": args.size, "adapt": args.adapt, "adapt_grouped": args.adapt_grouped, "flip": args.flip,
+              "models": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report

@@ -42,6 +42,8 @@ MODELS = [
     ("refine_on_proto_svf_2shot", "the same, 2-shot training episodes"),
     ("dual", "`refine-dual-svf-lite2`: `refine-svf-lite2` + the values of `prototype-svf-lite2` for 1 shot and as "
              "the 2-shot fallback"),
+    ("dual_flip", "`refine-dual-svf-lite2`, each query also segmented mirrored and the two averaged (`--flip`, "
+                  "as the app segments)"),
 ]
 # The SVF paper's ablation on this data: what meta-trains in layer4 under the prototype head, same
 # recipe otherwise (configs/default_lite2_prototype_svf.yaml, configs/lite2_prototype_{bn,full}.yaml):
@@ -101,10 +103,36 @@ def accuracy_table() -> str:
     return "\n".join(rows)
 
 
+def flip_table() -> str:
+    """The shipped model with each query also segmented mirrored (``evaluate --flip``) against the same
+    model without, on the same episodes: mIoU, FB-IoU and the paired per-episode change, overall and on
+    the everyday-kind classes."""
+    rows = ["| shots | episodes | classes | mIoU: plain -> with the mirror | FB-IoU: plain -> with the mirror "
+            "| paired change (pts, mean +- s.e.) | classes improved |", "|---|---|---|---|---|---|---|"]
+    for shots in (1, 2, 5):
+        plain, flip = _load(f"eval_{SHIPPED}_{shots}shot.json"), _load(f"eval_{SHIPPED}_flip_{shots}shot.json")
+        if plain is None or flip is None:
+            continue
+        d = _iou_difference(flip, plain)
+        if d is None:
+            continue
+        everyday = np.array([e["class"] in EVERYDAY_KINDS for e in plain["episodes"]])
+        kinds = [("all 15", np.ones_like(everyday)), ("everyday kinds (animals, vehicles, people)", everyday)]
+        for label, m in kinds:
+            cls = sorted({e["class"] for e, k in zip(plain["episodes"], m, strict=True) if k})
+            a = np.mean([plain["per_class"][c] for c in cls])
+            b = np.mean([flip["per_class"][c] for c in cls])
+            better = sum(flip["per_class"][c] > plain["per_class"][c] for c in cls)
+            fb = f"{plain['fbiou']:.1f} -> {flip['fbiou']:.1f}" if m.all() else ""
+            rows.append(f"| {shots} | {m.sum()} | {label} | {a:.1f} -> {b:.1f} | {fb} | {_mean_se(d[m])} "
+                        f"| {better} of {len(cls)} |")
+    return "\n".join(rows)
+
+
 # held-out fss-dev classes of the kinds the app is judged on beyond fss-dev (animals, vehicles, people)
 EVERYDAY_KINDS = {"horse": "animal", "video_cows": "animal", "street_car": "vehicle",
                   "video_car-roundabout": "vehicle", "video_drift-chicane": "vehicle", "street_pedestrian": "person"}
-EVERYDAY_MODELS = ("prototype", "proto_svf", "refine_frozen", "shipped", "dual")
+EVERYDAY_MODELS = ("prototype", "proto_svf", "refine_frozen", "shipped", "dual", "dual_flip")
 
 
 def everyday_table() -> str:
@@ -946,6 +974,8 @@ if __name__ == "__main__":
         raise SystemExit(0)
     print("### Accuracy\n")
     print(accuracy_table())
+    print("\n### Each query also segmented mirrored\n")
+    print(flip_table())
     print("\n### Meta-training SVF against BatchNorm and full fine-tuning\n")
     print(ablation_table())
     print("\n### Held-out classes of everyday kinds\n")

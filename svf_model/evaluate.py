@@ -81,14 +81,18 @@ class _LocalPredictor:
         pass
 
 
-def make_predictor(model: torch.nn.Module, image_size: int = 473, device: str | None = None):  # noqa: ANN201
-    """A :class:`svf_model.predictor.Predictor` for ``model`` (or a minimal stand-in without it)."""
+def make_predictor(model: torch.nn.Module, image_size: int = 473, device: str | None = None,  # noqa: ANN201
+                   flip: bool = False):
+    """A :class:`svf_model.predictor.Predictor` for ``model`` (or a minimal stand-in without it, which
+    refuses ``flip``)."""
     try:
         from .predictor import Predictor
     except ImportError as exc:  # the predictor's own dependencies may be missing in a partial checkout
+        if flip:
+            raise SystemExit(f"--flip needs svf_model.predictor, which cannot be imported: {exc}") from exc
         logger.warning("svf_model.predictor unavailable (%s): using the minimal evaluation predictor", exc)
         return _LocalPredictor(model, image_size, device)
-    return Predictor(model, image_size=image_size, device=device)
+    return Predictor(model, image_size=image_size, device=device, flip=flip)
 
 
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -140,7 +144,7 @@ def build_predictor(args: argparse.Namespace):  # noqa: ANN201
     if info.get("name"):
         args.model = info["name"]  # the registry default when --model was not given
         args.adapt_grouped = info["adapt_grouped"]  # the registry's fold when --adapt-grouped was not given
-    return make_predictor(model, args.size, args.device)
+    return make_predictor(model, args.size, args.device, args.flip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +395,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
     p.add_argument("--adapt-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="other AdaptConfig fields, e.g. --adapt-set objective=head one_shot=views lr=0.01")
+    p.add_argument("--flip", action="store_true",
+                   help="also segment each query mirrored and average the probabilities (as the app does)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", required=True, help="output JSON file")

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the adaptation even when it does not improve the shots' cross-check "
                         "(each shot segmented from the others); by default such an adaptation is undone")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--flip", action="store_true",
+                   help="also segment each query mirrored and average the two (as the app does; twice the time)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast precision (bf16 on CPU or GPU, fp16 on GPU)")
     p.add_argument("--save-svf", default=None, metavar="PATH",
@@ -125,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             model, entry = load_model(args.model)
             size, name = entry.image_size, entry.name
         predictor = Predictor(model, image_size=args.size or size, device=args.device,
-                              precision=args.precision, model_name=name)
+                              precision=args.precision, model_name=name, flip=args.flip)
         predictor.set_supports([s[0] for s in args.support], [s[1] for s in args.support])
-        report: dict = {"model": name, "image_size": predictor.image_size, "queries": []}
+        report: dict = {"model": name, "image_size": predictor.image_size, "flip": args.flip, "queries": []}
         if args.adapt_steps > 0:
             config = AdaptConfig(steps=args.adapt_steps, gate="off" if args.no_gate else "support")
             if config.image_size is not None:  # never upsample the letterboxed supports to adapt

@@ -214,3 +214,18 @@ def test_example_loads_shots_and_queries(server):
     examples = json.loads((Path(__file__).resolve().parents[1] / "assets" / "examples.json").read_text())
     assert len(shots) == len(examples["examples"][0]["supports"]) and len(queries) >= 1
     assert "example 'person' loaded" in status
+
+
+def test_the_app_segments_each_query_mirrored_too_unless_told_not_to():
+    """The app averages each query with its mirror image (README, "Accuracy of the shipped model");
+    ``python app.py --no-flip`` turns that off."""
+    import importlib.util
+
+    from app import ModelStore
+
+    spec = importlib.util.spec_from_file_location("app_entry", Path(__file__).resolve().parents[1] / "app.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.parse_args([]).no_flip is False and entry.parse_args(["--no-flip"]).no_flip is True
+    assert ModelStore(image_size=IMAGE_SIZE, device="cpu").predictor()[0].flip is True
+    assert ModelStore(image_size=IMAGE_SIZE, device="cpu", flip=False).predictor()[0].flip is False

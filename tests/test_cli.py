@@ -25,7 +25,7 @@ from tests.helpers import iou
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 161
 OPTIONS = ("--model", "--checkpoint", "--list-models", "--support", "--query", "--out", "--size", "--threshold",
-           "--adapt-steps", "--adapt-lr", "--no-gate", "--device", "--precision", "--save-svf")
+           "--adapt-steps", "--adapt-lr", "--no-gate", "--device", "--flip", "--precision", "--save-svf")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_real_run_writes_outputs_at_original_size(horse, tmp_path, capsys):
                           "--out", out_dir, "--size", SIZE], capsys)
     assert code == 0, err
     report = json.loads(out)
-    assert report["image_size"] == SIZE and len(report["queries"]) == 3
+    assert report["image_size"] == SIZE and len(report["queries"]) == 3 and report["flip"] is False
     stems = [queries[0].stem, queries[1].stem, queries[1].stem + "-2"]
     ious, floors = [], []
     for query, stem, entry in zip([*queries, twin], stems, report["queries"], strict=True):
@@ -112,6 +112,18 @@ def test_real_run_writes_outputs_at_original_size(horse, tmp_path, capsys):
                                   np.asarray(Image.open(out_dir / f"{stems[2]}_mask.png")))
     assert all(i > f for i, f in zip(ious, floors, strict=True)), (ious, floors)
     assert np.mean(ious) > np.mean(floors) + 0.1, (ious, floors)
+
+
+def test_flip_segments_the_query_and_its_mirror(horse, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    args = [*support_args(horse[:1]), "--query", horse[2][0], "--size", SIZE]
+    code, out, err = run([*args, "--out", out_dir / "plain"], capsys)
+    assert code == 0, err
+    code, out, err = run([*args, "--out", out_dir / "flip", "--flip"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["flip"] is True
+    probs = [np.asarray(Image.open(out_dir / d / f"{horse[2][0].stem}_prob.png")) for d in ("plain", "flip")]
+    assert probs[0].shape == probs[1].shape and not np.array_equal(*probs)
 
 
 @pytest.fixture

@@ -76,6 +76,19 @@ def test_evaluate_function_is_deterministic_and_matches_cli(cli_result, fss_dev)
     assert [e["query"] for e in result["episodes"]] == [e["query"] for e in cli["episodes"][:3]]
     assert [e["iou"] for e in result["episodes"]] == pytest.approx([e["iou"] for e in cli["episodes"][:3]], abs=1e-6)
     assert "class" in format_table(result) and "mIoU" in format_table(result)
+    assert cli["config"]["flip"] is False
+
+
+def test_cli_flip_segments_each_query_with_its_mirror_too(cli_result, fss_dev, tmp_path):
+    out = tmp_path / "flip.json"
+    cli, _ = cli_result
+    main(["--model", "prototype", "--backbone", "efficientnet_lite2", "--data", str(fss_dev), "--classes",
+          *CLASSES, "--shots", "1", "--episodes", "3", "--seed", "0", "--size", "161", "--threads", "1",
+          "--flip", "--json", str(out), "--quiet"])
+    flipped = json.loads(out.read_text())
+    assert flipped["config"]["flip"] is True
+    assert [e["query"] for e in flipped["episodes"]] == [e["query"] for e in cli["episodes"][:3]]
+    assert [e["iou"] for e in flipped["episodes"]] != [e["iou"] for e in cli["episodes"][:3]]
 
 
 class _FakePredictor:

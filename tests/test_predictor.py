@@ -55,6 +55,23 @@ def test_deterministic_and_cached_supports_match_uncached(model, horses):
     np.testing.assert_allclose(b.predict(horses[3][0]).prob, first, atol=1e-5)
 
 
+def test_flip_averages_the_query_and_its_mirror_and_is_mirror_equivariant(model, horses):
+    plain = Predictor(model, image_size=SIZE)
+    flip = Predictor(model, image_size=SIZE, flip=True)
+    for p in (plain, flip):
+        p.set_supports([horses[0][0]], [horses[0][1]])
+    query = horses[2][0]
+    mirrored = np.ascontiguousarray(query[:, ::-1])
+    out = flip.predict(query)
+    assert out.prob.shape == query.shape[:2] and out.prob.dtype == np.float32
+    expected = (plain.predict(query).prob + plain.predict(mirrored).prob[:, ::-1]) / 2
+    np.testing.assert_allclose(out.prob, expected, atol=1e-6)
+    np.testing.assert_array_equal(out.mask, out.prob > 0.5)
+    assert not np.array_equal(out.prob, plain.predict(query).prob)
+    # Segmenting the mirrored photo gives exactly the mirrored result.
+    np.testing.assert_array_equal(flip.predict(mirrored).prob, out.prob[:, ::-1])
+
+
 def test_grey_rgba_and_16bit_queries_work(model, horses):
     pred = Predictor(model, image_size=SIZE)
     pred.set_supports([horses[0][0]], [horses[0][1]])
