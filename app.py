@@ -33,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("SVF_APP_THREADS", "0")) or None,
                         help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--concurrency", type=int, default=2, help="events served at once (adaptation: 1)")
-    parser.add_argument("--no-flip", action="store_true",
-                        help="segment each query once, not also mirrored (half the query time, lower accuracy)")
+    parser.add_argument("--no-flip", action="store_true", default=os.environ.get("SVF_APP_FLIP") == "0",
+                        help="segment each query once, not mirrored too (faster, less accurate; env SVF_APP_FLIP=0)")
     return parser.parse_args(argv)
 
 

@@ -216,9 +216,9 @@ def test_example_loads_shots_and_queries(server):
     assert "example 'person' loaded" in status
 
 
-def test_the_app_segments_each_query_mirrored_too_unless_told_not_to():
+def test_the_app_segments_each_query_mirrored_too_unless_told_not_to(monkeypatch):
     """The app averages each query with its mirror image (README, "Accuracy of the shipped model");
-    ``python app.py --no-flip`` turns that off."""
+    ``python app.py --no-flip`` (or ``SVF_APP_FLIP=0``) turns that off."""
     import importlib.util
 
     from app import ModelStore
@@ -227,5 +227,7 @@ def test_the_app_segments_each_query_mirrored_too_unless_told_not_to():
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     assert entry.parse_args([]).no_flip is False and entry.parse_args(["--no-flip"]).no_flip is True
+    monkeypatch.setenv("SVF_APP_FLIP", "0")  # a Space's setting
+    assert entry.parse_args([]).no_flip is True
     assert ModelStore(image_size=IMAGE_SIZE, device="cpu").predictor()[0].flip is True
     assert ModelStore(image_size=IMAGE_SIZE, device="cpu", flip=False).predictor()[0].flip is False
