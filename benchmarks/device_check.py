@@ -94,7 +94,7 @@ class Steps:
         self.out, self.deadline, self.env = out, time.monotonic() + budget_s, env
         self.done: dict[str, dict] = {}
 
-    def run(self, name: str, cmd: list[str], limit_s: float) -> bool:
+    def run(self, name: str, cmd: list[str], limit_s: float, extra_env: dict[str, str] | None = None) -> bool:
         left = self.deadline - time.monotonic()
         if left < 20:
             self.done[name] = {"status": "skipped: the call's budget is spent"}
@@ -104,7 +104,8 @@ class Steps:
         print(f"[{name}] {' '.join(cmd)}  (limit {limit:.0f} s)", flush=True)
         start = time.monotonic()
         try:
-            done = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=limit)
+            done = subprocess.run(cmd, cwd=REPO, env={**self.env, **(extra_env or {})}, capture_output=True,
+                                  text=True, timeout=limit)
             rc, text = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as exc:
             rc, text = "timeout", _text(exc.stdout) + _text(exc.stderr)
@@ -169,11 +170,9 @@ def run(args: argparse.Namespace) -> None:
             "--episodes", str(args.episodes), "--seed", str(seed), "--adapt", "--device", args.device,
             "--quiet", *threads, "--json", str(out / f"eval_adapt_{args.device}_{shots}shot_seed{seed}.json")],
             limit_s=240)
-    gpu_tests_env = {} if args.device == "cuda" else {"SVF_TEST_ACCELERATOR": args.device}
-    steps.env = dict(env, **gpu_tests_env)
+    stand_in = {} if args.device == "cuda" else {"SVF_TEST_ACCELERATOR": args.device}
     steps.run("pytest_gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"],
-              limit_s=300)
-    steps.env = env
+              limit_s=300, extra_env=stand_in)
     steps.run("predictor_latency", [
         py, "benchmarks/predictor_latency.py", "--devices", args.device, "--size", "321", "--rounds", "3",
         "--data", str(data), "--classes", *EVERYDAY[:3], "--precisions", "fp32", "bf16",

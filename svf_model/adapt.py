@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from .losses import segmentation_loss
 from .model import FewShotSegmenter
-from .svf import svf_layers
+from .svf import svf_layers, within
 
 ONE_SHOT_MESSAGE = (
     "Adapt needs at least 2 shots: with one shot it can only learn from augmented copies of that "
@@ -306,7 +306,7 @@ def adapted_layers(
     those of grouped convs unless ``grouped``."""
     layers = list(svf_layers(model.backbone))
     if modules is not None:
-        layers = [(n, m) for n, m in layers if any(n == p or n.startswith(p + ".") for p in modules)]
+        layers = [(n, m) for n, m in layers if within(n, modules)]
     if not grouped:
         layers = [(n, m) for n, m in layers if m.groups == 1]
     if not layers:

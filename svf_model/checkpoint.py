@@ -69,14 +69,14 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def backbone_fingerprint(backbone: torch.nn.Module, tuned: set[str] = frozenset()) -> str:
     """Digest of the backbone's frozen pretrained tensors: everything except SVF layers' own
     tensors, the ``tuned`` ones (backbone-relative names) and BatchNorm counters (short hex)."""
-    from .svf import svf_layers
+    from .svf import svf_layers, within
 
     svf_names = {name for name, _ in svf_layers(backbone)}
     tensors = {}
     for key, value in backbone.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if (key.endswith("num_batches_tracked") or key in tuned
-                or any(owner == n or owner.startswith(n + ".") for n in svf_names)):
+                or within(owner, svf_names)):
             continue
         tensors[key] = value.float()
     return tensors_sha256(tensors)[:16]

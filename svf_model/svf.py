@@ -499,6 +499,12 @@ def fold_svf(module: nn.Module | Iterable[nn.Module]) -> nn.Module | list[nn.Mod
     return module
 
 
+def within(name: str, paths: Iterable[str]) -> bool:
+    """Whether the dotted module ``name`` is one of ``paths`` or inside one (``"layer4.1.conv"`` is
+    within ``"layer4.1"``, ``"layer4.10"`` is not)."""
+    return any(name == p or name.startswith(p + ".") for p in paths)
+
+
 def make_adaptable(
     backbone: nn.Module,
     modules: Iterable[str],
@@ -514,7 +520,7 @@ def make_adaptable(
     if parametrization is None:
         parametrization = layers[0][1].sv.parametrization if layers else "direct"
     names = [name for name, _ in layers]
-    missing = [m for m in modules if not any(n == m or n.startswith(m + ".") for n in names)]
+    missing = [m for m in modules if not any(within(n, [m]) for n in names)]
     if missing:
         apply_svf([backbone.get_submodule(m) for m in missing], parametrization=parametrization)
     if grouped_fold:
