@@ -1,4 +1,4 @@
-"""Print the README's result tables from the JSON files in ``benchmarks/results/``.
+"""Print the result tables of the README and docs/adaptation.md from the JSON files in ``benchmarks/results/``.
 
     python benchmarks/summarize.py                    # markdown on stdout
     python benchmarks/summarize.py --min-episodes 30  # also pair runs sharing only 30+ episodes
@@ -638,29 +638,35 @@ def _variant_key(study: dict, name: str, variant: dict) -> str:
     return f"{name} --grouped {grouped}" if grouped and name == "svf" else name
 
 
-WEIGHT_TARGETS = ("dense:lr=0.001", "full:lr=0.001")
+COMPARISON_TARGETS = ("bn:lr=0.003", "dense:lr=0.001", "full:lr=0.001")  # full last: the reference
 KERNEL_SVF = "SVF with each depthwise filter decomposed (`--grouped kernel`)"
 
 
 def against_full_table() -> str:
     """Per ``evaluate --adapt`` run with the defaults: SVF as run, SVF with the adapt block's depthwise
     filters decomposed kernel by kernel (an ``svf`` variant of a ``--grouped kernel`` study), and
-    fine-tuning of the decomposed convs' weights (``dense``) and of every weight of the block
-    (``full``), on the first episodes all of them ran (:func:`_study_pairs`), each against ``full``
-    paired. Only runs with a ``full`` study and at least one of the others."""
+    tuning of the block's BatchNorm affine parameters (``bn``), of the decomposed convs' weights
+    (``dense``) and of every weight of the block (``full``), each on the first episodes it and ``full``
+    both ran (:func:`_study_pairs`), against ``full`` paired. Only runs with a ``full`` study and at
+    least one of the others. The run's own SVF is named with its step where that is not today's."""
     rows = ["| shots | run (model, seed) | episodes | adapts | change (pts, mean +- s.e.) | minus full, paired | "
             "losing > 5 pts |",
             "|---|---|---|---|---|---|---|"]
-    for _run, study, changes in sorted(_kernel_and_weight_changes(), key=lambda r: (r[1]["shots"], r[1]["seed"])):
-        full = f"`{WEIGHT_TARGETS[-1]}`"
+    for run, study, changes in sorted(_kernel_and_weight_changes(), key=lambda r: (r[1]["shots"], r[1]["seed"])):
+        full = f"`{COMPARISON_TARGETS[-1]}`"
         if full not in changes or len(changes) < 3:
             continue
-        n = min(len(c) for c in changes.values())
-        for label in ("SVF (defaults)", KERNEL_SVF, *(f"`{t}`" for t in WEIGHT_TARGETS)):
+        shots = study["shots"]
+        step = "" if run_lr(run) == default_lr(shots) else f" at lr {run_lr(run):g}"
+        shown = {"SVF (defaults)": "SVF, depthwise filters whole" + step + (" (the default)" if shots > 1 else ""),
+                 KERNEL_SVF: "SVF, each depthwise filter decomposed (`--grouped kernel`)"
+                 + (" (the default)" if shots == 1 else "")}
+        for label in ("SVF (defaults)", KERNEL_SVF, *(f"`{t}`" for t in COMPARISON_TARGETS)):
             if label in changes:
+                n = min(len(changes[label]), len(changes[full]))
                 c = changes[label][:n]
                 paired = _mean_se(c - changes[full][:n]) if label != full else ""
-                rows.append(f"| {study['shots']} | {study['model']} ({study['seed']}) | {n} | {label} | "
+                rows.append(f"| {shots} | {study['model']} ({study['seed']}) | {n} | {shown.get(label, label)} | "
                             f"{_mean_se(c)} | {paired} | {100 * (c < -5).mean():.0f}% |")
     return "\n".join(rows)
 
@@ -688,11 +694,11 @@ def depthwise_step_table() -> str:
 def _kernel_and_weight_changes() -> list[tuple[dict, dict, dict[str, np.ndarray]]]:
     """Per ``evaluate --adapt`` run with the defaults: ``(run, a study, {label: per-episode changes})``
     of SVF as run, of the ``svf`` variant of a ``--grouped kernel`` study (:data:`KERNEL_SVF`) and of
-    the :data:`WEIGHT_TARGETS` studies on its episodes (:func:`_study_pairs_by_run`)."""
+    the :data:`COMPARISON_TARGETS` studies on its episodes (:func:`_study_pairs_by_run`)."""
     found = []
     for run, variants in _study_pairs_by_run():
         chosen = [(key, study, other) for key, study, _, other in variants
-                  if key == "svf --grouped kernel" or key in WEIGHT_TARGETS]
+                  if key == "svf --grouped kernel" or key in COMPARISON_TARGETS]
         if chosen:
             changes = {"SVF (defaults)": _changes(run)}
             changes.update((KERNEL_SVF if key == "svf --grouped kernel" else f"`{key}`", other)
@@ -701,12 +707,12 @@ def _kernel_and_weight_changes() -> list[tuple[dict, dict, dict[str, np.ndarray]
     return found
 
 
-def kernel_against_full_table() -> str:
-    """1 shot, where the shipped default decomposes each depthwise filter: that SVF against full
-    fine-tuning of the block (``full:lr=0.001``) on the same episodes, every set taken together -
-    the sets of :func:`against_full_table` and the ``--grouped kernel`` studies that ran both
-    variants themselves (``--variants svf full:lr=0.001``) on episodes of no ``evaluate`` run."""
-    full = WEIGHT_TARGETS[-1]
+def kernel_against_table(full: str = COMPARISON_TARGETS[-1], label: str = "full") -> str:
+    """1 shot, where the shipped default decomposes each depthwise filter: that SVF against another
+    target of :data:`COMPARISON_TARGETS` (by default full fine-tuning of the block,
+    ``full:lr=0.001``) on the same episodes, every set taken together - the sets of
+    :func:`against_full_table` and the ``--grouped kernel`` studies that ran both variants themselves
+    (``--variants svf full:lr=0.001``) on episodes of no ``evaluate`` run."""
     runs = _runs_with_default_svf()
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     for run, study, changes in _kernel_and_weight_changes():
@@ -726,7 +732,7 @@ def kernel_against_full_table() -> str:
         pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
             (f"{study['model']} ({study['seed']})", _changes(variants["svf"])[:n], _changes(variants[full])[:n],
              _classes(variants["svf"])[:n]))
-    return _pooled_table(pooled, "kernel SVF", "full")
+    return _pooled_table(pooled, "kernel SVF", label)
 
 
 def one_shot_step_table() -> str:
@@ -871,6 +877,87 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
     return "\n".join(rows)
 
 
+
+def _same_queries(a: list[dict], b: list[dict]) -> int:
+    """How many leading episodes two per-episode lists share (same class and query), or 0 where the
+    first ones differ."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x["class"] != y["class"] or x.get("query", y.get("query")) != y.get("query", x.get("query")):
+            break
+        n += 1
+    return n
+
+
+def _without_mirror(run: dict) -> tuple[str, list[dict]] | None:
+    """The adaptation of a ``flip_adapt_*.json`` run (``evaluate --adapt --flip``) on the same episodes
+    without the mirror: an ``evaluate --adapt`` run with the same options, else the ``svf`` variant of
+    an ``adapt_study`` whose depthwise fold trained as the run's did. ``(file name, episodes)``."""
+    cfg = run["config"]
+    key = (cfg["model"], cfg["shots"], cfg["seed"], cfg["classes"])
+    for name, ref in _adapt_runs().items():
+        rc = ref["config"]
+        if ((rc["model"], rc["shots"], rc["seed"], rc["classes"]) == key and _options(ref) == _options(run)
+                and _same_queries(run["episodes"], ref["episodes"])):
+            return name, ref["episodes"]
+    for path in sorted(RESULTS.glob("adapt_study_*.json")):
+        study = json.loads(path.read_text())
+        v = study.get("variants", {}).get("svf")
+        if (v is not None and (study["model"], study["shots"], study["seed"], study.get("held_out")) == key
+                and float(v["config"].get("lr") or default_lr(study["shots"])) == run_lr(run)
+                and _study_fold(study, v) == _grouped_mode(run)
+                and _same_queries(run["episodes"], v["episodes"])):
+            return path.name, v["episodes"]
+    return None
+
+
+def flip_adaptation_table() -> str:
+    """Adaptation with the defaults where each query is also segmented mirrored (``evaluate --adapt
+    --flip``, as the app segments: ``flip_adapt_*.json``) against the same adaptation without the
+    mirror on the same episodes (:func:`_without_mirror`). The mirror changes only how the query is
+    predicted, so the adaptations themselves are the same: the share of equal gate decisions checks it."""
+    rows = ["| shots | run (model, seed) | episodes | mIoU with the mirror: before -> after | change with the "
+            "mirror (pts, mean +- s.e.) | change without | with minus without, paired | losing > 5 pts: "
+            "without / with | same gate decisions | reference without the mirror |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("flip_adapt_*.json")):
+        run = json.loads(path.read_text())
+        found = _without_mirror(run)
+        if found is None:
+            continue
+        ref_name, ref = found
+        n = _same_queries(run["episodes"], ref)
+        with_mirror = _changes(run)[:n]
+        without = np.array([e["iou_after"] - e["iou_before"] for e in ref[:n]]) * 100
+        same_gate = np.mean([a.get("reverted") == b.get("reverted")
+                             for a, b in zip(run["episodes"][:n], ref[:n], strict=True)])
+        cfg = run["config"]
+        rows.append(f"| {cfg['shots']} | {cfg['model']} ({cfg['seed']}) | {n} | {run['miou_before']:.1f} -> "
+                    f"{run['miou']:.1f} | {_mean_se(with_mirror)} | {_mean_se(without)} | "
+                    f"{_mean_se(with_mirror - without)} | {100 * (without < -5).mean():.0f}% / "
+                    f"{100 * (with_mirror < -5).mean():.0f}% | {100 * same_gate:.0f}% | `{ref_name}` |")
+    return "\n".join(rows)
+
+
+def cue_table() -> str:
+    """``benchmarks/cue_foreground.py`` runs (``cue_foreground_*.json``): how object-centred the cue
+    panel's maps are (mean map value on the object minus on the background, x100) for the components
+    an adaptation raised and lowered most, and for components drawn at random from the same layer."""
+    rows = ["| shots | episodes scored (undone by the gate) | layer | image | rising cues | falling cues | random "
+            "components | rising minus falling, paired | episodes with rising > falling |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("cue_foreground_*.json")):
+        run = json.loads(path.read_text())
+        undone = sum(e["reverted"] for e in run["episodes"])
+        scored = len(run["episodes"]) - undone
+        for key, e in run["summary"].items():
+            layer, where = key.split(" | ")
+            cells = [f"{e[k]['mean']:+.1f} +- {e[k]['se']:.1f}" for k in
+                     ("rising", "falling", "random", "rising_minus_falling")]
+            rows.append(f"| {run['shots']} | {scored} ({undone}) | {layer} | {where} | {' | '.join(cells)} | "
+                        f"{100 * e['share_rising_larger']:.0f}% |")
+    return "\n".join(rows)
+
 GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
 
 
@@ -988,6 +1075,10 @@ if __name__ == "__main__":
     print(fallback_table())
     print("\n### Adaptation with the defaults\n")
     print(adapted_evaluation_table())
+    print("\n### Adaptation with each query also segmented mirrored, as the app segments\n")
+    print(flip_adaptation_table())
+    print("\n### Cue maps: the components adaptation raised and lowered most, on labelled photos\n")
+    print(cue_table())
     print("\n### Adaptation by kind of class\n")
     print(adaptation_by_kind_table())
     print("\n### Study variants against the default SVF adaptation on an evaluate run's episodes\n")
@@ -998,10 +1089,12 @@ if __name__ == "__main__":
     print(pooled_variant_against_svf("dense:lr=0.001", "dense"))
     print("\n### SVF with each depthwise filter decomposed against SVF with the default step, all paired studies\n")
     print(pooled_variant_against_svf("svf --grouped kernel", "kernel", files_apart=True))
-    print("\n### SVF, SVF with the depthwise filters decomposed, and weight fine-tuning on the same episodes\n")
+    print("\n### Every adaptation target on the same episodes\n")
     print(against_full_table())
     print("\n### 1 shot: SVF with the depthwise filters decomposed against full fine-tuning, all paired sets\n")
-    print(kernel_against_full_table())
+    print(kernel_against_table())
+    print("\n### 1 shot: SVF with the depthwise filters decomposed against BatchNorm tuning, all paired sets\n")
+    print(kernel_against_table("bn:lr=0.003", "BatchNorm"))
     print("\n### SVF with the depthwise filters decomposed: another step for their values, all paired studies\n")
     print(depthwise_step_table())
     print("\n### The 1-shot step: lr 0.01 (the default) against lr 0.03, all paired studies together\n")

@@ -45,11 +45,11 @@ GROUPED_TRAINING = ("one_shot", "always", "never")
 
 @dataclass
 class AdaptConfig:
-    """Adaptation settings (defaults chosen by measurement; see README, "Adaptation").
+    """Adaptation settings (defaults chosen by measurement; see docs/adaptation.md).
 
     Attributes:
         steps: optimiser steps. With the shipped default model 30 instead of 10 made more episodes
-            lose more than 5 IoU points at 1 shot (25 % against 13 %) and at 5 shots (README).
+            lose more than 5 IoU points at 1 shot (25 % against 13 %) and at 5 shots (docs/adaptation.md).
         lr: step size on ``d`` (``s = s0 exp(d)``); for the ``direct`` parametrisation it is scaled by
             each layer's mean singular value, so it is a relative step in both cases. ``None`` (the
             default): :data:`ONE_SHOT_LR` with one shot, :data:`LEAVE_ONE_OUT_LR` with two or more
@@ -58,8 +58,8 @@ class AdaptConfig:
             episodes lose more than 5 IoU points, 0.03 none. With the shipped default model at 1 shot,
             0.01 gained more than 0.03 on fss-dev's 15 held-out classes (+0.5 against +0.0 over 1,000
             paired episodes, fewer losses; a fresh set of 300 then confirmed it: paired +0.5 +- 0.3)
-            and half as much on kinds the recipe never saw (+0.5 against +1.1; README, "The 1-shot
-            step").
+            and half as much on kinds the recipe never saw (+0.5 against +1.1; docs/adaptation.md,
+            "The 1-shot step").
         image_size: side the supports are resized to while adapting (smaller is faster).
         time_budget_s: stop early after this many seconds (``None``: no limit).
         seed: seeds the augmentations and anything random.
@@ -72,7 +72,7 @@ class AdaptConfig:
             fss-dev's 15 classes changed by +0.5 IoU points (s.e. 0.14; 8 % lost more than 5), every
             kind of class gaining (animals, vehicles and pedestrians +0.6, garments +0.3,
             road/fence +0.9); on 19 kinds the recipe never saw (far-transfer split) +0.5 (s.e.
-            0.25, 300 episodes) (README, "Adaptation").
+            0.25, 300 episodes) (docs/adaptation.md).
         optimizer: ``"layer_sgd"`` (gradient descent with each layer's gradient scaled to unit RMS:
             a scale-free step that keeps the relative sizes of the changes within a layer, which the
             cue panel shows) or ``"adam"`` (per-value normalisation: every value moves by about
@@ -85,12 +85,12 @@ class AdaptConfig:
             decomposed (``adapt_grouped="kernel"``), 1 shot: +1.18 IoU points against +0.56 without
             them (paired +0.62 +- 0.14 over 1,020 held-out episodes in five sets, 7 % against 6 %
             losing more than 5); 5 shots: +0.64 +- 0.30 more, but 16.5 % against 11.5 % of 685
-            episodes losing more than 5 (README, "Adaptation").
+            episodes losing more than 5 (docs/adaptation.md).
         grouped_lr_scale: the step of the decomposed grouped convs' values relative to ``lr`` (when
             they train). With the shipped default model, 3 at 1 shot changed nothing on average
             (paired +0.02 +- 0.17 over 600 held-out episodes, 10 % against 8 % losing more than 5);
             0.33 at 5 shots gained less than the common step (paired -0.48 +- 0.39 over 385)
-            (README, "Adaptation").
+            (docs/adaptation.md).
         target: what trains: ``"svf"`` (singular values: the method), or for comparison ``"bn"``
             (BatchNorm affine of the SVF stages), ``"depthwise"`` (the filters of their grouped /
             depthwise convs, which SVF leaves whole), ``"dense"`` (every weight of exactly the convs
@@ -99,7 +99,7 @@ class AdaptConfig:
             The comparison targets modify the model they are given: pass a copy.
         loss: ``"balanced"`` (the mean of the foreground and the background pixels'
             cross-entropies, so a small object weighs as much as its background) or ``"ce"`` (pixel
-            cross-entropy). Measured on held-out fss-dev classes (README, "Adaptation"): with plain
+            cross-entropy). Measured on held-out fss-dev classes (docs/adaptation.md): with plain
             cross-entropy, 1-shot adaptation against views lost about 6 IoU points on average; with
             5 shots, the default model and the gate, 300 episodes: balanced +0.8 (s.e. 0.5), ce -0.5,
             paired +1.3 +- 0.6 for balanced.
@@ -110,7 +110,7 @@ class AdaptConfig:
             the head offers it (``head.prototype_only()``), else ``head``. With the default model
             ``head`` costs 2.3x the time of ``prototype`` (benchmarks/adapt_step.py: the priors
             compare every query position with every support position in each leave-one-out step)
-            and did not clearly gain more (README, "Adaptation").
+            and did not clearly gain more (docs/adaptation.md).
         gate: ``"support"``: after training, score the whole head on the supports before and after
             (pooled foreground IoU of the leave-one-out predictions; with one shot, of the shot
             against fresh augmented views it did not train on) and keep the adaptation only if the

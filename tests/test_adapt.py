@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -30,7 +31,7 @@ def _model(backbone):
 
 @pytest.fixture(scope="module")
 def model(lite2):
-    return _model(lite2)
+    return _model(copy.deepcopy(lite2))  # SVF goes into the backbone: keep the session's copy plain
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,8 @@ from tests.helpers import fss_pairs
 
 @pytest.fixture(scope="module")
 def adapted(lite2, fss_dev):
-    m = FewShotSegmenter(lite2, build_head("prototype", lite2, stages=("layer2", "layer3", "layer4")))
+    backbone = copy.deepcopy(lite2)  # SVF goes into the backbone: keep the session's copy plain
+    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
     apply_svf([m.backbone.layer4[1]], parametrization="exp")
     shots = fss_pairs(fss_dev, "horse", 4)
     p = Predictor(m.eval(), image_size=161)
@@ -57,7 +60,8 @@ def test_cue_maps_have_image_size(adapted):
 
 
 def test_layer_changes_lists_only_the_adapted_layers(lite2, fss_dev):
-    m = FewShotSegmenter(lite2, build_head("prototype", lite2, stages=("layer2", "layer3", "layer4")))
+    backbone = copy.deepcopy(lite2)
+    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
     apply_svf([m.backbone.layer4], parametrization="exp")
     shots = fss_pairs(fss_dev, "horse", 2)
     p = Predictor(m.eval(), image_size=129)
@@ -69,3 +73,35 @@ def test_layer_changes_lists_only_the_adapted_layers(lite2, fss_dev):
     assert len(every) > len(changes) == 2
     assert all(c.name.startswith("layer4.1.") and c.changed for c in changes)
     assert changes[0].score >= changes[1].score > 0
+
+
+def test_cue_foreground_benchmark_scores_the_panels_maps_against_the_labels(adapted):
+    """benchmarks/cue_foreground.py: a map's foreground contrast is its mean on the object minus on the
+    background (ignored pixels left out), scored for every adapted layer and the panel's default."""
+    from svf_model.data.episodes import Episode
+    from tests.helpers import load_benchmark
+
+    bench = load_benchmark("cue_foreground")
+    p, shots = adapted
+    label = shots[3][1].astype(np.uint8)
+    assert bench.foreground_contrast(label.astype(np.float32), label) == 1.0
+    assert bench.foreground_contrast(1 - label.astype(np.float32), label) == -1.0
+    ignored = label.copy()
+    ignored[label == 0] = 255  # no background left to compare with
+    assert np.isnan(bench.foreground_contrast(label.astype(np.float32), ignored))
+
+    masks = [s[1].astype(np.uint8) for s in shots[:3]]
+    ep = Episode("horse", [], "", [s[0] for s in shots[:3]], masks, shots[3][0], label)
+    scored = bench.score_episode(p, ep, 2, np.random.default_rng(0))
+    changes = [c for c in layer_changes(p) if c.changed]
+    assert set(scored) == {c.label for c in changes} | {bench.PANEL_LAYER}
+    assert scored[bench.PANEL_LAYER]["layer"] == changes[0].label
+    for name in (c.label for c in changes):
+        for where in ("query", "support"):
+            values = scored[name][where]
+            assert all(-1 <= values[kind] <= 1 for kind in ("rising", "falling", "random")), values
+    rows = [{"reverted": False, "layers": scored}, {"reverted": True, "layers": {}}]
+    summary = bench.summarize(rows)[f"{changes[0].label} | query"]
+    cell = scored[changes[0].label]["query"]
+    assert summary["episodes"] == 1
+    assert summary["rising_minus_falling"]["mean"] == pytest.approx(100 * (cell["rising"] - cell["falling"]))

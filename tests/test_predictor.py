@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,8 @@ SIZE = 193
 
 @pytest.fixture(scope="module")
 def model(lite2):
-    m = FewShotSegmenter(lite2, build_head("prototype", lite2, stages=("layer2", "layer3", "layer4")))
+    backbone = copy.deepcopy(lite2)  # SVF goes into the backbone: keep the session's copy plain
+    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
     apply_svf([m.backbone.layer4[1]], parametrization="exp")
     return m.eval()
 

@@ -118,7 +118,7 @@ def test_evaluate_records_the_depthwise_fold_it_loaded(flag: list[str], recorded
 def test_evaluate_decomposes_a_checkpoint_files_depthwise_filters_in_the_modules_that_adapt():
     """A model file (here the shipped one, read as a ``--checkpoint``) has no registry entry to say how
     its depthwise convs adapt: ``--adapt-grouped`` decomposes them in the ``modules`` of ``--adapt-set``
-    (the far-transfer studies, README "Adaptation"), and refuses to guess the modules."""
+    (the far-transfer studies, docs/adaptation.md), and refuses to guess the modules."""
     from svf_model.evaluate import build_predictor, parse_args
 
     path = Path("checkpoints") / "refine_dual_svf_lite2_fssdev.safetensors"
