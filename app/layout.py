@@ -22,7 +22,7 @@ INTRO = f"""
 # Few-shot segmentation with Singular Value Fine-tuning
 Paint the object on 1-{MAX_SHOTS} support photos, then segment it in new photos. **Adapt** fine-tunes
 only the backbone's singular values on your shots (SVF, NeurIPS 2022); the **cue panel** shows which
-singular components the adaptation turned up (foreground cues) and down (background cues).
+singular components the adaptation turned up and down, and where on a photo they respond.
 Photos larger than {MAX_SIDE} px are downscaled; nothing leaves this machine.
 """
 
@@ -110,14 +110,18 @@ def build_demo(store: ModelStore, examples_root: Path = ASSETS) -> gr.Blocks:
                                              elem_id="svf-upload")
 
         gr.Markdown("### 4. Cues: what the adaptation changed")
+        gr.Markdown("The SVF paper reads the components that rise as foreground cues and those that fall as "
+                    "background cues. Checked on labelled photos, the components an Adapt moves most respond "
+                    "more on the object than others do, but whether they rose or fell did not tell object "
+                    "from background (README, *Adaptation*).")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 cue_layer = gr.Dropdown([], label="Layer (most changed first)", elem_id="cue-layer")
                 cue_plot = gr.Plot(label="Top-30 singular values, pretrained vs adapted", elem_id="cue-plot")
             with gr.Column(scale=2):
-                cue_rising = gr.Gallery(label="Rose most: foreground cues (on the first query)", columns=4,
+                cue_rising = gr.Gallery(label="Rose most (response on the first query)", columns=4,
                                         height=200, allow_preview=True, elem_id="cue-rising")
-                cue_falling = gr.Gallery(label="Fell most: background cues (on the first query)", columns=4,
+                cue_falling = gr.Gallery(label="Fell most (response on the first query)", columns=4,
                                          height=200, allow_preview=True, elem_id="cue-falling")
 
         with gr.Accordion("Stateless API (api_name='predict')", open=False):

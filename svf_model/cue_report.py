@@ -30,8 +30,8 @@ class Cue:
 @dataclass
 class CueReport:
     layer: LayerChange
-    rising: list[Cue] = field(default_factory=list)  # foreground cues, largest rise first
-    falling: list[Cue] = field(default_factory=list)  # background cues, largest fall first
+    rising: list[Cue] = field(default_factory=list)  # largest rise first
+    falling: list[Cue] = field(default_factory=list)  # largest fall first
 
 
 def layer_changes(predictor: Predictor) -> list[LayerChange]:

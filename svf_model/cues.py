@@ -1,5 +1,6 @@
 """Singular-value cue analysis (SVF paper, Figs. 4-6): which backbone components an adaptation
-turned up (foreground cues) and down (background cues), and where on an image they respond."""
+turned up and down (the paper's foreground and background cues; benchmarks/cue_foreground.py checks
+that reading on labelled photos), and where on an image they respond."""
 
 from __future__ import annotations
 
