@@ -26,7 +26,8 @@ matrix, three singular values per channel; ``--grouped none``: not at all; defau
 entry's ``adapt_grouped``, with ``--checkpoint`` none), and ``svf`` variants train those values as
 ``AdaptConfig.grouped`` says (by default with one shot only; ``svf:grouped=always`` with any number).
 Prints a table (mean IoU change with its standard deviation and standard error, share of episodes
-that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON.
+that lose more than 5 IoU points, median/p90 adaptation seconds) and writes JSON after every episode;
+``--resume`` continues a study whose JSON an interrupted run left (same arguments, more ``--episodes``).
 """
 
 from __future__ import annotations
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", nargs="+", default=None,
                     help="classes to sample episodes from (default: the held-out 20%% of the training split)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the episodes --json already holds and run the rest (the study must match)")
     args = ap.parse_args(argv)
+    if args.resume and not args.json:
+        ap.error("--resume needs --json")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -146,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(name, config.resolved(args.shots)) for name, config in map(parse_variant, args.variants)]
     predictor = Predictor(model, image_size=size, model_name=model_name)
     rows: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    if args.resume and Path(args.json).exists():
+        rows = resumed_rows(args.json, args, variants, episodes, model_name, size, held_out)
+        print(f"resuming {args.json} after {len(rows[variants[0][0]])} episodes", file=sys.stderr)
     start = time.perf_counter()
     # one model for every variant; the memo re-uses the frozen blocks' features of images seen before
     with model.backbone.memoize(int(args.memo_gb * (1 << 30))):
-        for i in range(len(episodes)):
+        for i in range(len(rows[variants[0][0]]), len(episodes)):
             ep = episodes[i]
             predictor.set_supports(ep.supports, [m == 1 for m in ep.support_masks],
                                    [m == 255 for m in ep.support_masks])
@@ -186,6 +194,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, summary, args, len(episodes), model_name, size, held_out)
     return 0
+
+
+def resumed_rows(path: str, args: argparse.Namespace, variants: list[tuple[str, AdaptConfig]], episodes,  # noqa: ANN001
+                 model: str, size: int, held_out: list[str]) -> dict[str, list[dict]]:
+    """The per-variant episode rows of the study in ``path``, after checking that it is this study:
+    same shots, seed, model, decomposition, size, classes and variants, and the same query images
+    in the same order. Raises ``SystemExit`` with what differs otherwise."""
+    old = json.loads(Path(path).read_text())
+    expected = {"shots": args.shots, "seed": args.seed, "model": model, "svf_grouped": args.grouped,
+                "image_size": size, "held_out": held_out}
+    differ = [f"{k}: file {old.get(k)!r}, asked {v!r}" for k, v in expected.items() if old.get(k) != v]
+    names = [name for name, _ in variants]
+    if sorted(old["variants"]) != sorted(names):
+        differ.append(f"variants: file {sorted(old['variants'])}, asked {sorted(names)}")
+    else:
+        differ += [f"{name}: the file's config differs" for name, config in variants
+                   if old["variants"][name]["config"] != json.loads(json.dumps(config.__dict__))]
+    if differ:
+        raise SystemExit(f"--resume: {path} holds another study ({'; '.join(differ)})")
+    rows = {name: old["variants"][name]["episodes"] for name in names}
+    done = min(len(r) for r in rows.values())
+    if done > len(episodes):
+        raise SystemExit(f"--resume: {path} already holds {done} episodes; ask for more with --episodes")
+    for k in range(done):
+        query = os.path.relpath(episodes[k].query_path, args.data)
+        if any(r[k]["query"] != query for r in rows.values()):
+            raise SystemExit(f"--resume: episode {k + 1} of {path} is not this study's ({query})")
+    return {name: r[:done] for name, r in rows.items()}
 
 
 def summarize(variants: list[tuple[str, AdaptConfig]], rows: dict[str, list[dict]]) -> dict[str, dict]:

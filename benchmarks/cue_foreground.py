@@ -1,13 +1,14 @@
 """Do the components an adaptation turns up respond on the object, and those it turns down on the background?
 
-The app's cue panel calls the components whose singular values an Adapt raised most *foreground
-cues* and those it lowered most *background cues*, after the SVF paper (Figs. 4-6). This checks
-that reading on labelled photos the adaptation never saw.
+The SVF paper (Figs. 4-6) reads the components whose singular values an adaptation raised most as
+*foreground cues* and those it lowered most as *background cues*. This checks that reading on
+labelled photos the adaptation never saw (it did not hold up: the app's panel says "Rose most" and
+"Fell most" instead).
 
 On seeded episodes of held-out fss-dev classes (the episodes of ``python -m svf_model.evaluate``
 with the same classes, shots and seed) it adapts the registry model with its defaults, exactly as the
 app's *Adapt* (``Predictor.adapt``), and for every layer whose values moved draws the panel's cue
-maps (:func:`svf_model.cue_report.cue_report`, ``k`` components each way, maps in [0, 1] as drawn)
+maps (:func:`svf_model.cue_report.component_maps`, ``k`` components each way, maps in [0, 1] as drawn)
 on the episode's query and on its first support. A map's **foreground contrast** is its mean on the
 labelled object minus its mean on the background (ignored pixels left out): positive where the
 component responds on the object. For reference, ``k`` components drawn at random (seeded) from the
@@ -39,12 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svf_model.cue_report import cue_report, layer_changes  # noqa: E402
-from svf_model.cues import LayerChange, cue_maps  # noqa: E402
+from svf_model.cue_report import component_maps, layer_changes  # noqa: E402
 from svf_model.data.episodes import IGNORE, Episode, make_episodes  # noqa: E402
 from svf_model.data.fss_folder import FSSFolder, list_classes, split_classes  # noqa: E402
 from svf_model.predictor import Predictor  # noqa: E402
-from svf_model.preprocess import fitted_size, letterbox_image  # noqa: E402
 from svf_model.registry import load_model  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fss-dev"
@@ -60,36 +59,23 @@ def foreground_contrast(heat: np.ndarray, label: np.ndarray) -> float:
     return float(heat[fg].mean() - heat[bg].mean())
 
 
-def random_contrast(predictor: Predictor, change: LayerChange, image: np.ndarray, label: np.ndarray, k: int,
-                    rng: np.random.Generator) -> float:
-    """Mean foreground contrast of ``k`` components of the layer drawn at random (the reference)."""
-    picked = sorted(rng.choice(len(change.after), size=min(k, len(change.after)), replace=False).tolist())
-    h, w = image.shape[:2]
-    size = predictor.image_size
-    backbone = predictor.model.backbone
-    x = letterbox_image(image, size, backbone.mean, backbone.std)[None].to(predictor.device)
-    with predictor._active(), torch.no_grad():
-        maps = cue_maps(backbone, change.name, x, picked, (h, w), fitted_size(h, w, size))
-    return float(np.mean([foreground_contrast(m, label) for m in maps]))
-
-
 def score_episode(predictor: Predictor, ep: Episode, k: int, rng: np.random.Generator) -> dict[str, dict]:
     """``{layer label: {"query"|"support": {"rising", "falling", "random": mean contrast}}}`` of an
-    adapted predictor, plus the panel's default layer under :data:`PANEL_LAYER`."""
+    adapted predictor, plus the panel's default layer under :data:`PANEL_LAYER`. ``random`` scores
+    ``k`` components of the same layer drawn at random (the reference)."""
     changes = [c for c in layer_changes(predictor) if c.changed]
     out: dict[str, dict] = {}
     for change in changes:
+        rising = [i for i, _ in change.top(k, rising=True)]
+        falling = [i for i, _ in change.top(k, rising=False)]
         per_image = {}
         images = (("query", ep.query, ep.query_mask), ("support", ep.supports[0], ep.support_masks[0]))
         for where, image, label in images:
-            report = cue_report(predictor, image, change, k, changes)
-            per_image[where] = {
-                "rising": float(np.mean([foreground_contrast(c.heat, label) for c in report.rising]))
-                if report.rising else float("nan"),
-                "falling": float(np.mean([foreground_contrast(c.heat, label) for c in report.falling]))
-                if report.falling else float("nan"),
-                "random": random_contrast(predictor, change, image, label, k, rng),
-            }
+            drawn = rng.choice(len(change.after), size=min(k, len(change.after)), replace=False)
+            groups = {"rising": rising, "falling": falling, "random": sorted(drawn.tolist())}
+            maps = iter(component_maps(predictor, image, change.name, [i for g in groups.values() for i in g]))
+            per_image[where] = {kind: float(np.mean([foreground_contrast(next(maps), label) for _ in group]))
+                                if group else float("nan") for kind, group in groups.items()}
         out[change.label] = per_image
     if changes:
         out[PANEL_LAYER] = dict(out[changes[0].label], layer=changes[0].label)

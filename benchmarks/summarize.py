@@ -285,9 +285,16 @@ def _mean_se(x: np.ndarray) -> str:
     return f"{x.mean():+.2f} +- {x.std(ddof=1) / np.sqrt(len(x)):.2f}"
 
 
+@functools.cache
 def _adapt_runs() -> dict[str, dict]:
-    """``{file name: run}`` of every ``evaluate --adapt`` result, sorted by name."""
+    """``{file name: run}`` of every ``evaluate --adapt`` result, sorted by name (read once: do not change them)."""
     return {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("eval_adapt_*.json"))}
+
+
+@functools.cache
+def _studies() -> dict[str, dict]:
+    """``{file name: study}`` of every ``adapt_study_*.json``, sorted by name (read once: do not change them)."""
+    return {name.name: json.loads(name.read_text()) for name in sorted(RESULTS.glob("adapt_study_*.json"))}
 
 
 def _far_adapt_runs() -> list[dict]:
@@ -404,8 +411,7 @@ def adapted_evaluation_table() -> str:
             "IoU change per episode (pts, mean +- s.d., s.e.) | losing > 5 pts | gaining > 5 pts | "
             "adaptation s (median / p90) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in sorted(RESULTS.glob("eval_adapt_*.json")):
-        r = json.loads(name.read_text())
+    for r in _adapt_runs().values():
         d = _changes(r)
         sec = r["adapt_seconds"]
         model = r["config"]["model"] or Path(r["config"]["checkpoint"] or "?").name
@@ -488,8 +494,7 @@ def adaptation_table() -> str:
     rows = ["| shots | model | variant | episodes | IoU before | IoU after | change (pts) | s.d. | s.e. | "
             "minus first variant, paired | episodes losing > 5 pts | gate undid | median s | p90 s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in sorted(RESULTS.glob("adapt_study_*.json")):
-        data = json.loads(name.read_text())
+    for data in _studies().values():
         first = None
         for variant, v in _study_variants(data).items():
             sec = v["seconds"]
@@ -562,8 +567,7 @@ def _study_pairs() -> Iterator[tuple[dict, str, dict, dict, np.ndarray, np.ndarr
     (checked by :func:`_same_episodes`; changes per episode, in points; a variant that ran more
     episodes than the run is cut to the run's), leaving out variants that are the defaults again."""
     runs = _runs_with_default_svf()
-    for path in sorted(RESULTS.glob("adapt_study_*.json")):
-        study = json.loads(path.read_text())
+    for study in _studies().values():
         if "held_out" not in study or not study.get("comparison_targets_from_base"):
             continue
         for variant, v in study["variants"].items():
@@ -707,30 +711,29 @@ def _kernel_and_weight_changes() -> list[tuple[dict, dict, dict[str, np.ndarray]
     return found
 
 
-def kernel_against_table(full: str = COMPARISON_TARGETS[-1], label: str = "full") -> str:
+def kernel_against_table(target: str = COMPARISON_TARGETS[-1], label: str = "full") -> str:
     """1 shot, where the shipped default decomposes each depthwise filter: that SVF against another
-    target of :data:`COMPARISON_TARGETS` (by default full fine-tuning of the block,
-    ``full:lr=0.001``) on the same episodes, every set taken together - the sets of
-    :func:`against_full_table` and the ``--grouped kernel`` studies that ran both variants themselves
-    (``--variants svf full:lr=0.001``) on episodes of no ``evaluate`` run."""
+    ``target`` of :data:`COMPARISON_TARGETS` (by default full fine-tuning of the block,
+    ``full:lr=0.001``; ``label`` names it in the table) on the same episodes, every set taken
+    together - the sets of :func:`against_full_table` and the ``--grouped kernel`` studies that ran
+    both variants themselves (``--variants svf full:lr=0.001``) on episodes of no ``evaluate`` run."""
     runs = _runs_with_default_svf()
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     for run, study, changes in _kernel_and_weight_changes():
-        if study["shots"] == 1 and KERNEL_SVF in changes and f"`{full}`" in changes:
-            n = min(len(changes[KERNEL_SVF]), len(changes[f"`{full}`"]))
+        if study["shots"] == 1 and KERNEL_SVF in changes and f"`{target}`" in changes:
+            n = min(len(changes[KERNEL_SVF]), len(changes[f"`{target}`"]))
             pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
-                (f"{study['model']} ({study['seed']})", changes[KERNEL_SVF][:n], changes[f"`{full}`"][:n],
+                (f"{study['model']} ({study['seed']})", changes[KERNEL_SVF][:n], changes[f"`{target}`"][:n],
                  _classes(run)[:n]))
-    for path in sorted(RESULTS.glob("adapt_study_*.json")):
-        study = json.loads(path.read_text())
+    for study in _studies().values():
         variants = study["variants"]
-        if (study["shots"] != 1 or not study.get("comparison_targets_from_base") or full not in variants
+        if (study["shots"] != 1 or not study.get("comparison_targets_from_base") or target not in variants
                 or "svf" not in variants or _study_fold(study, variants["svf"]) != "kernel"
                 or any(_same_episodes(study, variants["svf"], run) for run in runs)):
             continue
-        n = min(len(variants["svf"]["episodes"]), len(variants[full]["episodes"]))
+        n = min(len(variants["svf"]["episodes"]), len(variants[target]["episodes"]))
         pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
-            (f"{study['model']} ({study['seed']})", _changes(variants["svf"])[:n], _changes(variants[full])[:n],
+            (f"{study['model']} ({study['seed']})", _changes(variants["svf"])[:n], _changes(variants[target])[:n],
              _classes(variants["svf"])[:n]))
     return _pooled_table(pooled, "kernel SVF", label)
 
@@ -846,8 +849,7 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
     adapting, which the same episodes reproduce exactly)."""
     defaults = {"gate": "support", "objective": "auto", "modules": None, "optimizer": "layer_sgd"}
     found: dict[tuple[str, int], dict[tuple[str, bool, float, int], tuple[np.ndarray, dict, list]]] = {}
-    for name in sorted(RESULTS.glob("adapt_study_*.json")):
-        data = json.loads(name.read_text())
+    for data in _studies().values():
         if data["model"] not in models or data["seed"] != seed:
             continue
         for v in _study_variants(data).values():
@@ -900,14 +902,13 @@ def _without_mirror(run: dict) -> tuple[str, list[dict]] | None:
         if ((rc["model"], rc["shots"], rc["seed"], rc["classes"]) == key and _options(ref) == _options(run)
                 and _same_queries(run["episodes"], ref["episodes"])):
             return name, ref["episodes"]
-    for path in sorted(RESULTS.glob("adapt_study_*.json")):
-        study = json.loads(path.read_text())
+    for file_name, study in _studies().items():
         v = study.get("variants", {}).get("svf")
         if (v is not None and (study["model"], study["shots"], study["seed"], study.get("held_out")) == key
                 and float(v["config"].get("lr") or default_lr(study["shots"])) == run_lr(run)
                 and _study_fold(study, v) == _grouped_mode(run)
                 and _same_queries(run["episodes"], v["episodes"])):
-            return path.name, v["episodes"]
+            return file_name, v["episodes"]
     return None
 
 

@@ -78,13 +78,23 @@ def cue_report(
     picked = rising + falling
     if not picked:
         return report
+    maps = component_maps(predictor, image, chosen.name, [i for i, _ in picked])
+    cues = [Cue(i, c, m) for (i, c), m in zip(picked, maps, strict=True)]
+    report.rising, report.falling = cues[: len(rising)], cues[len(rising):]
+    return report
+
+
+def component_maps(predictor: Predictor, image: ImageLike, layer: str, components: list[int]) -> np.ndarray:
+    """Cue maps of ``components`` of the SVF layer ``layer`` (module path or label) on ``image``,
+    with the predictor's own singular values, as the panel draws them.
+
+    Returns:
+        ``float32 [len(components), H, W]`` in ``[0, 1]``, ``(H, W)`` the image's original size.
+    """
     img = load_image(image)
     h, w = img.shape[:2]
     size = predictor.image_size
     backbone = predictor.model.backbone
     x = letterbox_image(img, size, backbone.mean, backbone.std)[None].to(predictor.device)
     with predictor._active(), torch.no_grad():
-        maps = cue_maps(backbone, chosen.name, x, [i for i, _ in picked], (h, w), fitted_size(h, w, size))
-    cues = [Cue(i, c, m) for (i, c), m in zip(picked, maps, strict=True)]
-    report.rising, report.falling = cues[: len(rising)], cues[len(rising):]
-    return report
+        return cue_maps(backbone, layer, x, components, (h, w), fitted_size(h, w, size))

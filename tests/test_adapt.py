@@ -357,6 +357,41 @@ def test_study_comparison_targets_start_from_the_base_singular_values(model, sho
     np.testing.assert_array_equal(p.predict(query).mask, base)
 
 
+def test_study_resume_keeps_its_episodes_and_refuses_another_study(fss_dev, tmp_path):
+    """``adapt_study.py --resume`` continues from the episodes its JSON holds, and refuses a file
+    of another study (other seed, variant settings or episodes) instead of mixing the two."""
+    import argparse
+    import os
+
+    from svf_model.data.episodes import make_episodes
+    from svf_model.data.fss_folder import FSSFolder
+
+    study = load_benchmark("adapt_study")
+    classes = ["horse", "video_cows"]
+    episodes = make_episodes(FSSFolder(fss_dev), 4, 1, 3, classes=classes)
+    args = argparse.Namespace(shots=1, seed=3, grouped="kernel", data=str(fss_dev))
+    variants = [study.parse_variant("bn:lr=0.003")]
+    name = variants[0][0]
+    rows = {name: [{"class": episodes[i].class_name, "query": os.path.relpath(episodes[i].query_path, fss_dev),
+                    "iou_before": 0.5, "iou_after": 0.5 + i / 10, "reverted": False, "seconds": 1.0}
+                   for i in range(2)]}
+    path = str(tmp_path / "study.json")
+    study.write_json(path, study.summarize(variants, rows), args, 2, "m", 321, classes)
+
+    assert study.resumed_rows(path, args, variants, episodes, "m", 321, classes) == rows
+    with pytest.raises(SystemExit, match="seed: file 3, asked 4"):
+        study.resumed_rows(path, argparse.Namespace(**{**vars(args), "seed": 4}), variants, episodes, "m", 321,
+                           classes)
+    with pytest.raises(SystemExit, match="config differs"):
+        study.resumed_rows(path, args, [(name, study.parse_variant("bn:lr=0.01")[1])], episodes, "m", 321, classes)
+    other = make_episodes(FSSFolder(fss_dev), 4, 1, 4, classes=classes)
+    with pytest.raises(SystemExit, match=r"episode \d of"):
+        study.resumed_rows(path, args, variants, other, "m", 321, classes)
+    with pytest.raises(SystemExit, match="already holds 2 episodes"):
+        study.resumed_rows(path, args, variants, make_episodes(FSSFolder(fss_dev), 1, 1, 3, classes=classes), "m",
+                           321, classes)
+
+
 def test_full_step_subspace_projects_onto_what_svf_can_express(model):
     """benchmarks/full_step_subspace.py splits a weight change into the part SVF can express
     (``U diag(c) V^T``) and the rest: the split must recover an SVF change exactly and leave a rest

@@ -10,7 +10,7 @@ import torch
 
 from svf_model import apply_svf
 from svf_model.adapt import AdaptConfig
-from svf_model.cue_report import layer_changes
+from svf_model.cue_report import cue_report, layer_changes
 from svf_model.cues import cue_maps, singular_value_changes
 from svf_model.heads import build_head
 from svf_model.model import FewShotSegmenter
@@ -100,6 +100,9 @@ def test_cue_foreground_benchmark_scores_the_panels_maps_against_the_labels(adap
         for where in ("query", "support"):
             values = scored[name][where]
             assert all(-1 <= values[kind] <= 1 for kind in ("rising", "falling", "random")), values
+    panel = cue_report(p, ep.query, changes[0], 2, changes)  # what the app's panel draws
+    assert scored[changes[0].label]["query"]["rising"] == pytest.approx(
+        np.mean([bench.foreground_contrast(c.heat, label) for c in panel.rising]), abs=1e-6)
     rows = [{"reverted": False, "layers": scored}, {"reverted": True, "layers": {}}]
     summary = bench.summarize(rows)[f"{changes[0].label} | query"]
     cell = scored[changes[0].label]["query"]
