@@ -604,8 +604,9 @@ def study_against_evaluate_table() -> str:
 
 def pooled_variant_against_svf(variant: str = "full:lr=0.001", label: str = "full", files_apart: bool = False) -> str:
     """A study variant (by default full fine-tuning of the adapt blocks; ``dense:lr=0.001``: of the
-    convs SVF decomposes; ``svf --grouped kernel``: the ``svf`` variant of a ``--grouped kernel``
-    study) against SVF adaptation with today's defaults, every paired study of :func:`_study_pairs`
+    convs SVF decomposes; ``bn:lr=0.003``: the blocks' BatchNorm affine parameters; ``svf --grouped
+    kernel``: the ``svf`` variant of a ``--grouped kernel`` study) against SVF adaptation with
+    today's defaults, every paired study of :func:`_study_pairs`
     taken together per shot count (with ``files_apart``, the studies of a model file - the far-transfer
     split's - in rows of their own, per set of held-out classes). SVF's changes are the evaluate run's
     where it used today's step (:func:`default_lr`), else those of an ``svf:lr=`` study variant at that
@@ -1086,6 +1087,8 @@ if __name__ == "__main__":
     print(study_against_evaluate_table())
     print("\n### Full fine-tuning against SVF with the default step, all paired studies together\n")
     print(pooled_variant_against_svf())
+    print("\n### BatchNorm tuning against SVF with the default step, all paired studies together\n")
+    print(pooled_variant_against_svf("bn:lr=0.003", "BatchNorm"))
     print("\n### Fine-tuning the convs SVF decomposes against SVF with the default step, all paired studies\n")
     print(pooled_variant_against_svf("dense:lr=0.001", "dense"))
     print("\n### SVF with each depthwise filter decomposed against SVF with the default step, all paired studies\n")
