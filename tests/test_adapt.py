@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -390,6 +391,28 @@ def test_study_resume_keeps_its_episodes_and_refuses_another_study(fss_dev, tmp_
     with pytest.raises(SystemExit, match="already holds 2 episodes"):
         study.resumed_rows(path, args, variants, make_episodes(FSSFolder(fss_dev), 1, 1, 3, classes=classes), "m",
                            321, classes)
+
+
+def test_resumed_study_measures_what_an_uninterrupted_one_does(fss_dev, tmp_path):
+    """An ``adapt_study.py`` run stopped after one episode and resumed gives the same per-episode
+    figures as one run straight through (each adaptation seeds itself)."""
+    study = load_benchmark("adapt_study")
+    common = ["--data", str(fss_dev), "--classes", "horse", "video_cows", "--shots", "1", "--seed", "5",
+              "--size", "161", "--threads", "1", "--variants", "svf:steps=2", "bn:steps=2,lr=0.003"]
+    straight, resumed = tmp_path / "straight.json", tmp_path / "resumed.json"
+    assert study.main([*common, "--episodes", "2", "--json", str(straight)]) == 0
+    assert study.main([*common, "--episodes", "1", "--json", str(resumed)]) == 0
+    assert study.main([*common, "--episodes", "2", "--json", str(resumed), "--resume"]) == 0
+
+    def figures(path):
+        variants = json.loads(path.read_text())["variants"]
+        return {name: [{k: v for k, v in e.items() if k != "seconds"} for e in variant["episodes"]]
+                for name, variant in variants.items()}
+
+    assert all(len(episodes) == 2 for episodes in figures(resumed).values())
+    assert any(e["iou_after"] != e["iou_before"] for episodes in figures(straight).values() for e in episodes), \
+        "some adaptation must be kept, or there is nothing to compare"
+    assert figures(resumed) == figures(straight)
 
 
 def test_full_step_subspace_projects_onto_what_svf_can_express(model):
