@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from svf_model.adapt import AdaptConfig, adapt_svf, adapted_layers, parse_config_options  # noqa: E402
 from svf_model.checkpoint import load_checkpoint  # noqa: E402
-from svf_model.data.episodes import make_episodes  # noqa: E402
+from svf_model.data.episodes import EpisodeSet, make_episodes  # noqa: E402
 from svf_model.data.fss_folder import FSSFolder, list_classes, split_classes  # noqa: E402
 from svf_model.evaluate import add_grouped_argument  # noqa: E402
 from svf_model.imageio import load_image  # noqa: E402
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def resumed_rows(path: str, args: argparse.Namespace, variants: list[tuple[str, AdaptConfig]], episodes,  # noqa: ANN001
-                 model: str, size: int, held_out: list[str]) -> dict[str, list[dict]]:
+def resumed_rows(path: str, args: argparse.Namespace, variants: list[tuple[str, AdaptConfig]],
+                 episodes: EpisodeSet, model: str, size: int, held_out: list[str]) -> dict[str, list[dict]]:
     """The per-variant episode rows of the study in ``path``, after checking that it is this study:
     same shots, seed, model, decomposition, size, classes and variants, and the same query images
     in the same order. Raises ``SystemExit`` with what differs otherwise."""

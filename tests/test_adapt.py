@@ -373,9 +373,9 @@ def test_study_resume_keeps_its_episodes_and_refuses_another_study(fss_dev, tmp_
     args = argparse.Namespace(shots=1, seed=3, grouped="kernel", data=str(fss_dev))
     variants = [study.parse_variant("bn:lr=0.003")]
     name = variants[0][0]
-    rows = {name: [{"class": episodes[i].class_name, "query": os.path.relpath(episodes[i].query_path, fss_dev),
+    rows = {name: [{"class": ep.class_name, "query": os.path.relpath(ep.query_path, fss_dev),
                     "iou_before": 0.5, "iou_after": 0.5 + i / 10, "reverted": False, "seconds": 1.0}
-                   for i in range(2)]}
+                   for i, ep in enumerate(episodes[:2])]}
     path = str(tmp_path / "study.json")
     study.write_json(path, study.summarize(variants, rows), args, 2, "m", 321, classes)
 
@@ -389,8 +389,7 @@ def test_study_resume_keeps_its_episodes_and_refuses_another_study(fss_dev, tmp_
     with pytest.raises(SystemExit, match=r"episode \d of"):
         study.resumed_rows(path, args, variants, other, "m", 321, classes)
     with pytest.raises(SystemExit, match="already holds 2 episodes"):
-        study.resumed_rows(path, args, variants, make_episodes(FSSFolder(fss_dev), 1, 1, 3, classes=classes), "m",
-                           321, classes)
+        study.resumed_rows(path, args, variants, episodes[:1], "m", 321, classes)
 
 
 def test_resumed_study_measures_what_an_uninterrupted_one_does(fss_dev, tmp_path):

@@ -82,6 +82,10 @@ def test_loaded_episodes_have_binary_masks(fss_dev):
         assert np.array_equal(ep.query_mask, (raw > 127).astype(np.uint8))
     again = make_episodes(FSSFolder(fss_dev, CLASSES), 4, 2, seed=1)[3]
     assert np.array_equal(again.query, episodes[3].query)
+    tail = episodes[2:]  # a slice is an episode set of its own, loaded on access
+    assert len(tail) == 2 and tail.specs == episodes.specs[2:]
+    assert np.array_equal(tail[1].query, episodes[3].query)
+    assert list(tail) and [e.query_path for e in tail] == [episodes[i].query_path for i in (2, 3)]
 
 
 def test_split_classes_seeded_and_disjoint(fss_dev):

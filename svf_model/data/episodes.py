@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import numpy as np
 from PIL import Image
@@ -235,7 +235,16 @@ class EpisodeSet(Sequence[Episode]):
     def __len__(self) -> int:
         return len(self.specs)
 
-    def __getitem__(self, i: int) -> Episode:  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> Episode: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> EpisodeSet: ...
+
+    def __getitem__(self, i: int | slice) -> Episode | EpisodeSet:
+        """Episode ``i`` (loaded now), or the episodes of a slice as an ``EpisodeSet`` (loaded on access)."""
+        if isinstance(i, slice):
+            return EpisodeSet(self.source, self.specs[i])
         return self.source.load(self.specs[i])
 
 
