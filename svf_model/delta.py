@@ -5,8 +5,10 @@ An SVF "delta" is what few-shot tuning changes: one vector ``s [R]`` per SVF lay
 base; :func:`svf_hash` fingerprints that decomposition.
 
 File layout (safetensors): ``"<layer>.s"`` the tuned values and ``"<layer>.s0"`` the values of the
-decomposition, per layer name from :func:`svf_model.svf.svf_layers`; metadata ``format``,
-``base_name``, ``svf_hash`` and ``parametrization``.
+decomposition, per layer name from :func:`svf_model.svf.svf_layers`, and for a layer trained in the
+exp parametrisation ``"<layer>.d"``, its trainable ``d`` (``s = s0 exp(d)``) as it was, so that the
+same decomposition loads it bit for bit (``s`` alone goes through ``log`` and may come back an ulp
+off); metadata ``format``, ``base_name``, ``svf_hash`` and ``parametrization``.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def save_svf_delta(module: nn.Module, path: str | os.PathLike, base_name: str) -
     for name, layer in layers.items():
         tensors[f"{name}.s"] = layer.singular_values().detach().to("cpu").contiguous()
         tensors[f"{name}.s0"] = layer.sv.s0.detach().to("cpu").contiguous()
+        if layer.sv.parametrization == "exp":
+            tensors[f"{name}.d"] = layer.sv.trainable.detach().to("cpu").contiguous()
     parametrizations = sorted({layer.sv.parametrization for layer in layers.values()})
     metadata = {
         "format": DELTA_FORMAT,
@@ -189,8 +193,11 @@ def load_svf_delta(module: nn.Module, path: str | os.PathLike, base_name: str | 
 
     layers = _layers(module)
     saved = {k[: -len(".s0")] for k in tensors if k.endswith(".s0")}
-    if set(tensors) != {f"{n}.{suffix}" for n in saved for suffix in ("s", "s0")}:
-        raise CheckpointError(f"{name}: every layer needs exactly '<layer>.s' and '<layer>.s0'")
+    with_d = {k[: -len(".d")] for k in tensors if k.endswith(".d")}
+    if set(tensors) != {f"{n}.{suffix}" for n in saved for suffix in ("s", "s0")} | {f"{n}.d" for n in with_d} \
+            or not with_d <= saved:
+        raise CheckpointError(f"{name}: every layer needs exactly '<layer>.s' and '<layer>.s0' "
+                              "(and may have '<layer>.d')")
     if saved != set(layers):
         missing, extra = sorted(set(layers) - saved), sorted(saved - set(layers))
         raise CheckpointError(
@@ -198,14 +205,15 @@ def load_svf_delta(module: nn.Module, path: str | os.PathLike, base_name: str | 
             f"unexpected {len(extra)} {extra[:3]} (was apply_svf run on the same stages and kinds?)"
         )
     for layer_name, layer in layers.items():
-        for suffix in ("s", "s0"):
+        for suffix in ("s", "s0", "d") if layer_name in with_d else ("s", "s0"):
             if tensors[f"{layer_name}.{suffix}"].shape != (layer.rank,):
                 raise CheckpointError(
                     f"{name}: {layer_name}.{suffix} has shape {tuple(tensors[f'{layer_name}.{suffix}'].shape)}, "
                     f"the layer has rank {layer.rank}"
                 )
 
-    if metadata["svf_hash"] != svf_hash(module):
+    same_decomposition = metadata["svf_hash"] == svf_hash(module)
+    if not same_decomposition:
         far = [n for n, layer in layers.items()
                if not torch.allclose(tensors[f"{n}.s0"].double(), layer.sv.s0.detach().cpu().double(),
                                      rtol=S0_RTOL, atol=0)]
@@ -219,9 +227,23 @@ def load_svf_delta(module: nn.Module, path: str | os.PathLike, base_name: str | 
         warnings.warn(message, stacklevel=2)
         logger.warning(message)
 
+    exact = {}
+    for layer_name in with_d:
+        s_saved, s0_saved, d = (tensors[f"{layer_name}.{k}"].double() for k in ("s", "s0", "d"))
+        if not torch.allclose(s0_saved * torch.exp(d), s_saved, rtol=1e-5, atol=0):
+            raise CheckpointError(f"{name}: {layer_name}.d does not give {layer_name}.s (s = s0 exp(d)): the file "
+                                  "was altered")
+        layer = layers[layer_name]
+        if (same_decomposition and layer.sv.parametrization == "exp"
+                and torch.equal(tensors[f"{layer_name}.s0"].to(layer.sv.s0), layer.sv.s0.detach())):
+            exact[layer_name] = tensors[f"{layer_name}.d"]
     for layer_name, layer in layers.items():
         try:
-            _set_singular_values(layer_name, layer, tensors[f"{layer_name}.s"])
+            if layer_name in exact:
+                with torch.no_grad():
+                    layer.sv.trainable.copy_(exact[layer_name])
+            else:
+                _set_singular_values(layer_name, layer, tensors[f"{layer_name}.s"])
         except ValueError as exc:
             raise CheckpointError(f"{name}: {exc}") from exc
     return metadata

@@ -397,7 +397,7 @@ def test_resumed_study_measures_what_an_uninterrupted_one_does(fss_dev, tmp_path
     figures as one run straight through (each adaptation seeds itself)."""
     study = load_benchmark("adapt_study")
     common = ["--data", str(fss_dev), "--classes", "horse", "video_cows", "--shots", "1", "--seed", "5",
-              "--size", "161", "--threads", "1", "--variants", "svf:steps=2", "bn:steps=2,lr=0.003"]
+              "--size", "161", "--variants", "svf:steps=2", "bn:steps=2,lr=0.003"]
     straight, resumed = tmp_path / "straight.json", tmp_path / "resumed.json"
     assert study.main([*common, "--episodes", "2", "--json", str(straight)]) == 0
     assert study.main([*common, "--episodes", "1", "--json", str(resumed)]) == 0

@@ -166,6 +166,26 @@ def test_parametrisations_interchange(tmp_path, image, saved_as: str, loaded_as:
     for name, s in singular_values(source).items():
         torch.testing.assert_close(singular_values(target)[name], s, rtol=1e-6, atol=0)
     torch.testing.assert_close(features(target, image), features(source, image), rtol=1e-5, atol=1e-5)
+    if saved_as == loaded_as == "exp":  # the file holds d itself: the same decomposition gets it bit for bit
+        assert all(torch.equal(v, svf_state(source)[k]) for k, v in svf_state(target).items())
+        assert torch.equal(features(target, image), features(source, image))
+
+
+def test_exp_file_whose_d_and_s_disagree_is_refused(tmp_path) -> None:
+    source = svf_model("exp")
+    tune(source, seed=2)
+    path = save_svf_delta(source, tmp_path / "d.safetensors", base_name=BASE)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    key = next(k for k in tensors if k.endswith(".d"))
+    assert set(tensors) == {f"{n}.{k}" for n, _ in svf_layers(source) for k in ("s", "s0", "d")}
+    tensors[key] = tensors[key] + 0.1
+    save_file(tensors, str(tmp_path / "altered.safetensors"), metadata=metadata)
+    target = svf_model("exp")
+    before = svf_state(target)
+    with pytest.raises(CheckpointError, match="does not give"):
+        load_svf_delta(target, tmp_path / "altered.safetensors", base_name=BASE)
+    assert all(torch.equal(v, before[k]) for k, v in svf_state(target).items())
 
 
 def test_unreadable_and_foreign_files(tmp_path) -> None:

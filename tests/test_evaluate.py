@@ -82,9 +82,13 @@ def test_evaluate_function_is_deterministic_and_matches_cli(cli_result, fss_dev)
 def test_cli_flip_segments_each_query_with_its_mirror_too(cli_result, fss_dev, tmp_path):
     out = tmp_path / "flip.json"
     cli, _ = cli_result
-    main(["--model", "prototype", "--backbone", "efficientnet_lite2", "--data", str(fss_dev), "--classes",
-          *CLASSES, "--shots", "1", "--episodes", "3", "--seed", "0", "--size", "161", "--threads", "1",
-          "--flip", "--json", str(out), "--quiet"])
+    threads = torch.get_num_threads()
+    try:
+        main(["--model", "prototype", "--backbone", "efficientnet_lite2", "--data", str(fss_dev), "--classes",
+              *CLASSES, "--shots", "1", "--episodes", "3", "--seed", "0", "--size", "161", "--threads", "1",
+              "--flip", "--json", str(out), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets torch's for the whole process
     flipped = json.loads(out.read_text())
     assert flipped["config"]["flip"] is True
     assert [e["query"] for e in flipped["episodes"]] == [e["query"] for e in cli["episodes"][:3]]
