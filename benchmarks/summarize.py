@@ -880,7 +880,6 @@ def learning_rate_table(models: tuple[str, ...] = ("refine-svf-lite2", "refine-d
     return "\n".join(rows)
 
 
-
 def _same_queries(a: list[dict], b: list[dict]) -> int:
     """How many leading episodes two per-episode lists share (same class and query), or 0 where the
     first ones differ."""
@@ -892,24 +891,24 @@ def _same_queries(a: list[dict], b: list[dict]) -> int:
     return n
 
 
-def _without_mirror(run: dict) -> tuple[str, list[dict]] | None:
+def _without_mirror(run: dict) -> tuple[str, dict] | None:
     """The adaptation of a ``flip_adapt_*.json`` run (``evaluate --adapt --flip``) on the same episodes
     without the mirror: an ``evaluate --adapt`` run with the same options, else the ``svf`` variant of
-    an ``adapt_study`` whose depthwise fold trained as the run's did. ``(file name, episodes)``."""
+    an ``adapt_study`` whose depthwise fold trained as the run's did. ``(file name, run or variant)``."""
     cfg = run["config"]
     key = (cfg["model"], cfg["shots"], cfg["seed"], cfg["classes"])
     for name, ref in _adapt_runs().items():
         rc = ref["config"]
         if ((rc["model"], rc["shots"], rc["seed"], rc["classes"]) == key and _options(ref) == _options(run)
                 and _same_queries(run["episodes"], ref["episodes"])):
-            return name, ref["episodes"]
+            return name, ref
     for file_name, study in _studies().items():
         v = study.get("variants", {}).get("svf")
         if (v is not None and (study["model"], study["shots"], study["seed"], study.get("held_out")) == key
                 and float(v["config"].get("lr") or default_lr(study["shots"])) == run_lr(run)
                 and _study_fold(study, v) == _grouped_mode(run)
                 and _same_queries(run["episodes"], v["episodes"])):
-            return file_name, v["episodes"]
+            return file_name, v
     return None
 
 
@@ -928,11 +927,10 @@ def flip_adaptation_table() -> str:
         if found is None:
             continue
         ref_name, ref = found
-        n = _same_queries(run["episodes"], ref)
-        with_mirror = _changes(run)[:n]
-        without = np.array([e["iou_after"] - e["iou_before"] for e in ref[:n]]) * 100
+        n = _same_queries(run["episodes"], ref["episodes"])
+        with_mirror, without = _changes(run)[:n], _changes(ref)[:n]
         same_gate = np.mean([a.get("reverted") == b.get("reverted")
-                             for a, b in zip(run["episodes"][:n], ref[:n], strict=True)])
+                             for a, b in zip(run["episodes"][:n], ref["episodes"][:n], strict=True)])
         cfg = run["config"]
         rows.append(f"| {cfg['shots']} | {cfg['model']} ({cfg['seed']}) | {n} | {run['miou_before']:.1f} -> "
                     f"{run['miou']:.1f} | {_mean_se(with_mirror)} | {_mean_se(without)} | "
@@ -959,6 +957,7 @@ def cue_table() -> str:
             rows.append(f"| {run['shots']} | {scored} ({undone}) | {layer} | {where} | {' | '.join(cells)} | "
                         f"{100 * e['share_rising_larger']:.0f}% |")
     return "\n".join(rows)
+
 
 GATE_MARGINS = (0.0, 0.01, 0.02, 0.05)
 

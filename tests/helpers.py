@@ -1,13 +1,22 @@
-"""Small shared test utilities: real fss-dev pairs, IoU, benchmark scripts as modules."""
+"""Small shared test utilities: real fss-dev pairs, IoU, benchmark scripts as modules, a small SVF
+model, torch's thread count kept across a CLI call."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import torch
 from PIL import Image
+
+from svf_model import apply_svf
+from svf_model.heads import build_head
+from svf_model.model import FewShotSegmenter
 
 
 def fss_pairs(root: Path, cls: str, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -29,3 +38,22 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def prototype_svf_model(backbone: torch.nn.Module, svf_on: str = "layer4.1") -> FewShotSegmenter:
+    """The prototype head on layer2-4 of a deep copy of ``backbone`` (SVF goes into the backbone, so a
+    session-wide backbone stays plain), SVF (exp parametrisation) on its module ``svf_on``; eval mode."""
+    backbone = copy.deepcopy(backbone)
+    model = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
+    apply_svf([backbone.get_submodule(svf_on)], parametrization="exp")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def kept_torch_threads() -> Iterator[None]:
+    """Restore torch's thread count afterwards: a CLI's ``--threads`` sets it for the whole process."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

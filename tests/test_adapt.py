@@ -18,21 +18,15 @@ from svf_model.heads import build_head
 from svf_model.model import FewShotSegmenter
 from svf_model.predictor import Predictor
 from svf_model.weights import CheckpointError
-from tests.helpers import fss_pairs, load_benchmark
+from tests.helpers import fss_pairs, load_benchmark, prototype_svf_model
 
 SIZE = 161
 FAST = AdaptConfig(steps=3, lr=0.05, image_size=129, time_budget_s=None, gate="off")
 
 
-def _model(backbone):
-    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
-    apply_svf([m.backbone.layer4[1]], parametrization="exp")
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def model(lite2):
-    return _model(copy.deepcopy(lite2))  # SVF goes into the backbone: keep the session's copy plain
+    return prototype_svf_model(lite2)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +172,7 @@ def test_export_import_reproduces_adapted_predictions(model, shots, tmp_path):
 
 
 def test_delta_of_another_backbone_is_refused(model, shots, tmp_path):
-    other = _model(build_backbone("efficientnet_lite0"))
+    other = prototype_svf_model(build_backbone("efficientnet_lite0"))
     p_other = Predictor(other, image_size=SIZE)
     p_other.set_supports([shots[0][0]], [shots[0][1]])
     path = tmp_path / "lite0.safetensors"
@@ -441,7 +435,6 @@ def test_depthwise_and_dense_targets_train_only_their_own_weights(model, shots, 
     """The ``depthwise`` comparison target changes the adapt block's depthwise filters and nothing
     else; ``dense`` changes exactly the convs SVF decomposes (the paper's "fine-tune W" of the same
     layers) and nothing else. BatchNorm stays as it was in both."""
-    import copy
 
     from svf_model.adapt import adapt_svf
     from svf_model.svf import svf_layers
@@ -492,7 +485,6 @@ def test_depthwise_filters_decomposed_kernel_by_kernel_adapt_reset_and_travel_as
     values reproduce them on a fresh predictor, and the model without that decomposition refuses them.
     The copy is made after a Predictor used the model, so its recorded base values must be extended
     to the new layers."""
-    import copy
 
     from svf_model.svf import apply_svf
 
@@ -526,7 +518,6 @@ def _changed_layers(predictor: Predictor) -> set[str]:
 
 @pytest.fixture(scope="module")
 def kernel_model(model):
-    import copy
 
     m = copy.deepcopy(model)
     apply_svf([m.backbone.layer4[1]], kinds={"grouped"}, parametrization="exp", grouped_fold="kernel")

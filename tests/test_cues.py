@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
-from svf_model import apply_svf
 from svf_model.adapt import AdaptConfig
 from svf_model.cue_report import cue_report, layer_changes
 from svf_model.cues import cue_maps, singular_value_changes
-from svf_model.heads import build_head
-from svf_model.model import FewShotSegmenter
 from svf_model.predictor import Predictor
 from svf_model.preprocess import fitted_size, letterbox_image
-from tests.helpers import fss_pairs
+from tests.helpers import fss_pairs, prototype_svf_model
 
 
 @pytest.fixture(scope="module")
 def adapted(lite2, fss_dev):
-    backbone = copy.deepcopy(lite2)  # SVF goes into the backbone: keep the session's copy plain
-    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
-    apply_svf([m.backbone.layer4[1]], parametrization="exp")
     shots = fss_pairs(fss_dev, "horse", 4)
-    p = Predictor(m.eval(), image_size=161)
+    p = Predictor(prototype_svf_model(lite2), image_size=161)
     p.set_supports([s[0] for s in shots[:3]], [s[1] for s in shots[:3]])
     p.adapt(AdaptConfig(steps=3, lr=0.05, image_size=129, time_budget_s=None, gate="off"))
     return p, shots
@@ -60,11 +52,8 @@ def test_cue_maps_have_image_size(adapted):
 
 
 def test_layer_changes_lists_only_the_adapted_layers(lite2, fss_dev):
-    backbone = copy.deepcopy(lite2)
-    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
-    apply_svf([m.backbone.layer4], parametrization="exp")
     shots = fss_pairs(fss_dev, "horse", 2)
-    p = Predictor(m.eval(), image_size=129)
+    p = Predictor(prototype_svf_model(lite2, svf_on="layer4"), image_size=129)
     p.set_supports([s[0] for s in shots], [s[1] for s in shots])
     every = singular_value_changes(p.model.backbone, p.base_values(), p.svf_values())
     assert [c.name for c in layer_changes(p)] == [c.name for c in every] and not any(c.changed for c in every)

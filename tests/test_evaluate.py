@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from svf_model.data import FSSFolder, make_episodes
 from svf_model.evaluate import evaluate, evaluate_trivial, format_table, main
 from svf_model.metrics import FewShotMeter
+from tests.helpers import kept_torch_threads
 
 CLASSES = ["horse", "video_dog", "video_cows", "street_sky"]
 
@@ -25,11 +25,8 @@ def cli_result(fss_dev, tmp_path_factory):
     argv = ["--model", "prototype", "--backbone", "efficientnet_lite2", "--data", str(fss_dev),
             "--classes", *CLASSES, "--shots", "1", "--episodes", "6", "--seed", "0", "--size", "161",
             "--threads", "1", "--json", str(out), "--quiet"]
-    threads = torch.get_num_threads()
-    try:
+    with kept_torch_threads():
         returned = main(argv)
-    finally:
-        torch.set_num_threads(threads)
     return json.loads(out.read_text()), returned
 
 
@@ -82,13 +79,10 @@ def test_evaluate_function_is_deterministic_and_matches_cli(cli_result, fss_dev)
 def test_cli_flip_segments_each_query_with_its_mirror_too(cli_result, fss_dev, tmp_path):
     out = tmp_path / "flip.json"
     cli, _ = cli_result
-    threads = torch.get_num_threads()
-    try:
+    with kept_torch_threads():
         main(["--model", "prototype", "--backbone", "efficientnet_lite2", "--data", str(fss_dev), "--classes",
               *CLASSES, "--shots", "1", "--episodes", "3", "--seed", "0", "--size", "161", "--threads", "1",
               "--flip", "--json", str(out), "--quiet"])
-    finally:
-        torch.set_num_threads(threads)  # --threads sets torch's for the whole process
     flipped = json.loads(out.read_text())
     assert flipped["config"]["flip"] is True
     assert [e["query"] for e in flipped["episodes"]] == [e["query"] for e in cli["episodes"][:3]]

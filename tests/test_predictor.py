@@ -8,22 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from svf_model import apply_svf
-from svf_model.heads import build_head
 from svf_model.imageio import InputError
-from svf_model.model import FewShotSegmenter
 from svf_model.predictor import Predictor
-from tests.helpers import fss_pairs, iou
+from tests.helpers import fss_pairs, iou, prototype_svf_model
 
 SIZE = 193
 
 
 @pytest.fixture(scope="module")
 def model(lite2):
-    backbone = copy.deepcopy(lite2)  # SVF goes into the backbone: keep the session's copy plain
-    m = FewShotSegmenter(backbone, build_head("prototype", backbone, stages=("layer2", "layer3", "layer4")))
-    apply_svf([m.backbone.layer4[1]], parametrization="exp")
-    return m.eval()
+    return prototype_svf_model(lite2)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +128,6 @@ def test_bf16_autocast_close_to_fp32(model, horses):
 def test_a_model_used_by_a_predictor_can_still_be_deep_copied(model):
     """Predictors share a lock per model; it lives beside the model, so copying the model (as the
     comparison studies do) keeps working, and the copy gets a lock of its own."""
-    import copy
 
     from svf_model.predictor import _shared_lock
 
