@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from svf_model.adapt import LEAVE_ONE_OUT_LR, ONE_SHOT_LR, AdaptConfig  # noqa: E402
+from svf_model.adapt import AdaptConfig  # noqa: E402
 from svf_model.registry import adapt_fold, grouped_fold_of, read_registry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -645,6 +645,7 @@ def _variant_key(study: dict, name: str, variant: dict) -> str:
 
 COMPARISON_TARGETS = ("bn:lr=0.003", "dense:lr=0.001", "full:lr=0.001")  # full last: the reference
 KERNEL_SVF = "SVF with each depthwise filter decomposed (`--grouped kernel`)"
+TODAY_STEP_SVF = "SVF at today's step"  # an svf:lr= study variant at the default step of a run made at another
 
 
 def against_full_table() -> str:
@@ -662,11 +663,13 @@ def against_full_table() -> str:
         if full not in changes or len(changes) < 3:
             continue
         shots = study["shots"]
-        step = "" if run_lr(run) == default_lr(shots) else f" at lr {run_lr(run):g}"
-        shown = {"SVF (defaults)": "SVF, depthwise filters whole" + step + (" (the default)" if shots > 1 else ""),
+        today = run_lr(run) == default_lr(shots)
+        default = " (the default)" if shots > 1 else ""
+        shown = {"SVF (defaults)": "SVF, depthwise filters whole" + (default if today else f" at lr {run_lr(run):g}"),
+                 TODAY_STEP_SVF: f"SVF, depthwise filters whole at lr {default_lr(shots):g}{default}",
                  KERNEL_SVF: "SVF, each depthwise filter decomposed (`--grouped kernel`)"
                  + (" (the default)" if shots == 1 else "")}
-        for label in ("SVF (defaults)", KERNEL_SVF, *(f"`{t}`" for t in COMPARISON_TARGETS)):
+        for label in ("SVF (defaults)", TODAY_STEP_SVF, KERNEL_SVF, *(f"`{t}`" for t in COMPARISON_TARGETS)):
             if label in changes:
                 n = min(len(changes[label]), len(changes[full]))
                 c = changes[label][:n]
@@ -702,12 +705,13 @@ def _kernel_and_weight_changes() -> list[tuple[dict, dict, dict[str, np.ndarray]
     the :data:`COMPARISON_TARGETS` studies on its episodes (:func:`_study_pairs_by_run`)."""
     found = []
     for run, variants in _study_pairs_by_run():
+        today = f"svf:lr={default_lr(run['config']['shots']):g}"
         chosen = [(key, study, other) for key, study, _, other in variants
-                  if key == "svf --grouped kernel" or key in COMPARISON_TARGETS]
+                  if key in ("svf --grouped kernel", today) or key in COMPARISON_TARGETS]
         if chosen:
             changes = {"SVF (defaults)": _changes(run)}
-            changes.update((KERNEL_SVF if key == "svf --grouped kernel" else f"`{key}`", other)
-                           for key, _, other in chosen)
+            changes.update((KERNEL_SVF if key == "svf --grouped kernel" else TODAY_STEP_SVF if key == today
+                            else f"`{key}`", other) for key, _, other in chosen)
             found.append((run, chosen[0][1], changes))
     return found
 
@@ -739,22 +743,22 @@ def kernel_against_table(target: str = COMPARISON_TARGETS[-1], label: str = "ful
     return _pooled_table(pooled, "kernel SVF", label)
 
 
-def one_shot_step_table() -> str:
-    """1 shot: SVF at ``ONE_SHOT_LR`` (0.01, today's default) against ``LEAVE_ONE_OUT_LR`` (0.03, the
-    1-shot default before 2026-12-05) on the same episodes, every paired study of :func:`_study_pairs`
-    taken together (``svf:lr=0.01`` studies of lr-0.03 runs and ``svf:lr=0.03`` studies of lr-0.01
-    runs), per set of held-out classes, each split by kind (``_kind``) too."""
-    small, large = ONE_SHOT_LR, LEAVE_ONE_OUT_LR
+def step_table(shots: int, small: float = 0.01, large: float = 0.03) -> str:
+    """SVF at lr ``small`` against lr ``large`` with ``shots`` supports on the same episodes, every
+    paired study of :func:`_study_pairs` taken together (``svf:lr=<small>`` studies of runs at
+    ``large`` and ``svf:lr=<large>`` studies of runs at ``small``), per set of held-out classes, each
+    split by kind (``_kind``) too. ``small`` is the default at 1 shot since 2026-12-05, with more since
+    2026-12-06."""
     pooled: dict[tuple[int, tuple[str, ...]], list] = {}
     seen: dict[int, dict] = {}
     for study, name, v, run, svf, other in _study_pairs():
-        if study["shots"] != 1 or id(v) in seen:
+        if study["shots"] != shots or id(v) in seen:
             continue
         pair = {(f"svf:lr={small:g}", large): (svf, other),
                 (f"svf:lr={large:g}", small): (other, svf)}.get((name, run_lr(run)))
         if pair is not None:
             seen[id(v)] = v
-            pooled.setdefault((1, tuple(sorted(study["held_out"]))), []).append(
+            pooled.setdefault((shots, tuple(sorted(study["held_out"]))), []).append(
                 (f"{study['model']} ({study['seed']})", *pair, _classes(v)))
     return _pooled_table(pooled, f"lr {large:g}", f"lr {small:g}")
 
@@ -1101,7 +1105,10 @@ if __name__ == "__main__":
     print("\n### SVF with the depthwise filters decomposed: another step for their values, all paired studies\n")
     print(depthwise_step_table())
     print("\n### The 1-shot step: lr 0.01 (the default) against lr 0.03, all paired studies together\n")
-    print(one_shot_step_table())
+    print(step_table(1))
+    print("\n### The step from two shots on: lr 0.01 (the default since 2026-12-06) against lr 0.03 at 5 shots, "
+          "all paired studies together\n")
+    print(step_table(5))
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")

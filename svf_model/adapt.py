@@ -37,7 +37,7 @@ ONE_SHOT_MESSAGE = (
     "s.e. 0.5). Add another shot and adapt again."
 )
 ONE_SHOT_LR = 0.01  # AdaptConfig.lr's default with one shot (adaptation against augmented views)
-LEAVE_ONE_OUT_LR = 0.03  # and with two or more shots (leave-one-out episodes)
+LEAVE_ONE_OUT_LR = 0.01  # and with two or more shots (leave-one-out episodes); 0.03 before 2026-12-06
 
 
 GROUPED_TRAINING = ("one_shot", "always", "never")
@@ -53,13 +53,13 @@ class AdaptConfig:
         lr: step size on ``d`` (``s = s0 exp(d)``); for the ``direct`` parametrisation it is scaled by
             each layer's mean singular value, so it is a relative step in both cases. ``None`` (the
             default): :data:`ONE_SHOT_LR` with one shot, :data:`LEAVE_ONE_OUT_LR` with two or more
-            (:meth:`step_size`), both chosen on held-out fss-dev classes (benchmarks/adapt_study.py).
-            From 2 shots, 0.1 gained a little more on average than 0.03 but made 8 % of 5-shot
-            episodes lose more than 5 IoU points, 0.03 none. With the shipped default model at 1 shot,
-            0.01 gained more than 0.03 on fss-dev's 15 held-out classes (+0.5 against +0.0 over 1,000
-            paired episodes, fewer losses; a fresh set of 300 then confirmed it: paired +0.5 +- 0.3)
-            and half as much on kinds the recipe never saw (+0.5 against +1.1; docs/adaptation.md,
-            "The 1-shot step").
+            (:meth:`step_size`), each chosen on held-out fss-dev classes with the shipped default model
+            (benchmarks/adapt_study.py; docs/adaptation.md). At 1 shot, 0.01 gained more than 0.03 on
+            fss-dev's 15 held-out classes (+0.5 against +0.0 over 1,000 paired episodes, fewer losses; a
+            fresh set of 300 then confirmed it: paired +0.5 +- 0.3) and half as much on kinds the recipe
+            never saw (+0.5 against +1.1). At 5 shots, 0.01 against 0.03 (the default until
+            2026-12-06, chosen on an earlier model): paired +0.6 +- 0.3 over 560 episodes in three
+            sets, and 7 % against 13 % of them losing more than 5 IoU points.
         image_size: side the supports are resized to while adapting (smaller is faster).
         time_budget_s: stop early after this many seconds (``None``: no limit).
         seed: seeds the augmentations and anything random.

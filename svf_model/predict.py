@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="SVF adaptation steps on the supports before predicting (0: none)")
     p.add_argument("--adapt-lr", type=float, default=None,
-                   help="adaptation learning rate (default: 0.01 with one shot, 0.03 with more)")
+                   help="adaptation learning rate (default: 0.01 with any number of shots)")
     p.add_argument("--no-gate", action="store_true",
                    help="keep the adaptation even when it does not improve the shots' cross-check "
                         "(each shot segmented from the others); by default such an adaptation is undone")

@@ -132,18 +132,19 @@ def test_one_shot_adapts_by_default_and_skip_says_why(model, shots):
     np.testing.assert_array_equal(p.predict(query).prob, before)
 
 
-def test_default_step_depends_on_the_number_of_shots(model, shots):
-    """lr=None means 0.01 with one shot and 0.03 with more: the same values as those steps set by hand."""
+def test_default_step_is_the_measured_step_for_the_number_of_shots(model, shots):
+    """lr=None means ONE_SHOT_LR with one shot and LEAVE_ONE_OUT_LR with more (0.01 both, each
+    measured on its own): the same values as those steps set by hand, and not those of another step."""
     from svf_model.adapt import LEAVE_ONE_OUT_LR, ONE_SHOT_LR
 
-    assert AdaptConfig().lr is None and (ONE_SHOT_LR, LEAVE_ONE_OUT_LR) == (0.01, 0.03)
+    assert AdaptConfig().lr is None and (ONE_SHOT_LR, LEAVE_ONE_OUT_LR) == (0.01, 0.01)
     assert AdaptConfig(lr=0.2).step_size(1) == AdaptConfig(lr=0.2).step_size(5) == 0.2
     for k, step in ((1, ONE_SHOT_LR), (3, LEAVE_ONE_OUT_LR)):
         by_default, by_hand, other = (_predictor(model, shots, k=k) for _ in range(3))
         result = by_default.adapt(dataclasses.replace(FAST, lr=None))
         assert result.lr == step
         by_hand.adapt(dataclasses.replace(FAST, lr=step))
-        other.adapt(dataclasses.replace(FAST, lr=LEAVE_ONE_OUT_LR + ONE_SHOT_LR - step))
+        other.adapt(dataclasses.replace(FAST, lr=3 * step))
         values = by_default.svf_values()
         assert all(torch.equal(values[n], by_hand.svf_values()[n]) for n in values)
         assert any(not torch.equal(values[n], other.svf_values()[n]) for n in values)

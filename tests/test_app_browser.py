@@ -130,7 +130,7 @@ def test_paint_segment_adapt_and_cues_in_chromium(server, browser, fss_dev):
     page.locator("#stop-btn").click()
     expect(page.locator("#adapt-progress")).to_contain_text("stopped")
     # The step field at 0: the default step for 2 shots.
-    expect(page.locator("#status")).to_contain_text("Adapted yes (10 steps on 2 shot(s), lr 0.03)")
+    expect(page.locator("#status")).to_contain_text("Adapted yes (10 steps on 2 shot(s), lr 0.01)")
 
     # Select the first shot and remove it; reset to the pretrained values.
     page.locator("#shots-gallery img").first.click()
