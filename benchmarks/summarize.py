@@ -663,9 +663,10 @@ def against_full_table() -> str:
         if full not in changes or len(changes) < 3:
             continue
         shots = study["shots"]
-        today = run_lr(run) == default_lr(shots)
+        at_today_step = run_lr(run) == default_lr(shots)
         default = " (the default)" if shots > 1 else ""
-        shown = {"SVF (defaults)": "SVF, depthwise filters whole" + (default if today else f" at lr {run_lr(run):g}"),
+        shown = {"SVF (defaults)": "SVF, depthwise filters whole"
+                 + (default if at_today_step else f" at lr {run_lr(run):g}"),
                  TODAY_STEP_SVF: f"SVF, depthwise filters whole at lr {default_lr(shots):g}{default}",
                  KERNEL_SVF: "SVF, each depthwise filter decomposed (`--grouped kernel`)"
                  + (" (the default)" if shots == 1 else "")}
@@ -710,8 +711,8 @@ def _kernel_and_weight_changes() -> list[tuple[dict, dict, dict[str, np.ndarray]
                   if key in ("svf --grouped kernel", today) or key in COMPARISON_TARGETS]
         if chosen:
             changes = {"SVF (defaults)": _changes(run)}
-            changes.update((KERNEL_SVF if key == "svf --grouped kernel" else TODAY_STEP_SVF if key == today
-                            else f"`{key}`", other) for key, _, other in chosen)
+            labels = {"svf --grouped kernel": KERNEL_SVF, today: TODAY_STEP_SVF}
+            changes.update((labels.get(key, f"`{key}`"), other) for key, _, other in chosen)
             found.append((run, chosen[0][1], changes))
     return found
 

@@ -519,7 +519,6 @@ def _changed_layers(predictor: Predictor) -> set[str]:
 
 @pytest.fixture(scope="module")
 def kernel_model(model):
-
     m = copy.deepcopy(model)
     apply_svf([m.backbone.layer4[1]], kinds={"grouped"}, parametrization="exp", grouped_fold="kernel")
     return m
