@@ -764,15 +764,32 @@ def step_table(shots: int, small: float = 0.01, large: float = 0.03) -> str:
     return _pooled_table(pooled, f"lr {large:g}", f"lr {small:g}")
 
 
+def variant_pair_table(first: str, second: str, first_label: str, second_label: str) -> str:
+    """Two variants of ``adapt_study`` files run on the episodes of the same ``evaluate --adapt`` run
+    (:func:`_study_pairs_by_run`; keys as :func:`_variant_key` names them), ``second`` against
+    ``first`` on the episodes both ran, every such run taken together per shot count and set of
+    held-out classes, then each run alone and each kind of class."""
+    pooled: dict[tuple[int, tuple[str, ...]], list] = {}
+    for _run, variants in _study_pairs_by_run():
+        found = {key: (study, v, change) for key, study, v, change in variants}
+        if first in found and second in found:
+            (study, v, a), b = found[first], found[second][2]
+            n = min(len(a), len(b))
+            pooled.setdefault((study["shots"], tuple(sorted(study["held_out"]))), []).append(
+                (f"{study['model']} ({study['seed']})", a[:n], b[:n], _classes(v)[:n]))
+    return _pooled_table(pooled, first_label, second_label, by_set=True)
+
+
 def _classes(variant: dict) -> list[str]:
     return [e["class"] for e in variant["episodes"]]
 
 
 def _pooled_table(pooled: dict[tuple[int, tuple[str, ...]], list], first: str, second: str,
-                  by_kind: bool = False) -> str:
+                  by_kind: bool = False, by_set: bool = False) -> str:
     """``{(shots, held-out classes or ()): [(run label, first's change, second's change, classes)]}``
     -> one row per key, and per kind where the key's held-out classes (with ``by_kind``, the episodes'
-    classes of a key without them) are fss-dev's of several kinds."""
+    classes of a key without them) are fss-dev's of several kinds; with ``by_set``, also one row per
+    run of a key that pools several."""
     rows = [f"| shots | runs (model, seed) | episodes | {first} change (pts, mean +- s.e.) | {second} change | "
             f"{second} minus {first}, paired | losing > 5 pts: {first} / {second} |",
             "|---|---|---|---|---|---|---|"]
@@ -782,6 +799,9 @@ def _pooled_table(pooled: dict[tuple[int, tuple[str, ...]], list], first: str, s
         b = np.concatenate([p[2] for p in parts])
         groups = [(", ".join(p[0] for p in parts), np.ones(len(a), bool))]
         classes = [c for p in parts for c in p[3]]
+        if by_set and len(parts) > 1:
+            part_of = np.repeat(np.arange(len(parts)), [len(p[1]) for p in parts])
+            groups += [(f"the same: {p[0]} alone", part_of == i) for i, p in enumerate(parts)]
         if (split and _has_kinds(split)) or (by_kind and not split and _has_kinds(classes)):
             kinds = np.array([_kind(c) for c in classes])
             if len(set(kinds)) > 1:
@@ -898,8 +918,9 @@ def _same_queries(a: list[dict], b: list[dict]) -> int:
 
 def _without_mirror(run: dict) -> tuple[str, dict] | None:
     """The adaptation of a ``flip_adapt_*.json`` run (``evaluate --adapt --flip``) on the same episodes
-    without the mirror: an ``evaluate --adapt`` run with the same options, else the ``svf`` variant of
-    an ``adapt_study`` whose depthwise fold trained as the run's did. ``(file name, run or variant)``."""
+    without the mirror: an ``evaluate --adapt`` run with the same options, else the ``svf`` variant (or
+    an ``svf:lr=`` one that sets only the step) of an ``adapt_study`` at the run's step whose depthwise
+    fold trained as the run's did. ``(file name, run or variant)``."""
     cfg = run["config"]
     key = (cfg["model"], cfg["shots"], cfg["seed"], cfg["classes"])
     for name, ref in _adapt_runs().items():
@@ -908,12 +929,13 @@ def _without_mirror(run: dict) -> tuple[str, dict] | None:
                 and _same_queries(run["episodes"], ref["episodes"])):
             return name, ref
     for file_name, study in _studies().items():
-        v = study.get("variants", {}).get("svf")
-        if (v is not None and (study["model"], study["shots"], study["seed"], study.get("held_out")) == key
-                and float(v["config"].get("lr") or default_lr(study["shots"])) == run_lr(run)
-                and _study_fold(study, v) == _grouped_mode(run)
-                and _same_queries(run["episodes"], v["episodes"])):
-            return file_name, v
+        for name, v in study.get("variants", {}).items():
+            if ((name == "svf" or (name.startswith("svf:lr=") and "," not in name))
+                    and (study["model"], study["shots"], study["seed"], study.get("held_out")) == key
+                    and float(v["config"].get("lr") or default_lr(study["shots"])) == run_lr(run)
+                    and _study_fold(study, v) == _grouped_mode(run)
+                    and _same_queries(run["episodes"], v["episodes"])):
+                return file_name, v
     return None
 
 
@@ -921,7 +943,8 @@ def flip_adaptation_table() -> str:
     """Adaptation with the defaults where each query is also segmented mirrored (``evaluate --adapt
     --flip``, as the app segments: ``flip_adapt_*.json``) against the same adaptation without the
     mirror on the same episodes (:func:`_without_mirror`). The mirror changes only how the query is
-    predicted, so the adaptations themselves are the same: the share of equal gate decisions checks it."""
+    predicted, so the adaptations themselves are the same: the share of equal gate decisions checks it.
+    A run at another step than today's default names its step."""
     rows = ["| shots | run (model, seed) | episodes | mIoU with the mirror: before -> after | change with the "
             "mirror (pts, mean +- s.e.) | change without | with minus without, paired | losing > 5 pts: "
             "without / with | same gate decisions | reference without the mirror |",
@@ -937,7 +960,8 @@ def flip_adaptation_table() -> str:
         same_gate = np.mean([a.get("reverted") == b.get("reverted")
                              for a, b in zip(run["episodes"][:n], ref["episodes"][:n], strict=True)])
         cfg = run["config"]
-        rows.append(f"| {cfg['shots']} | {cfg['model']} ({cfg['seed']}) | {n} | {run['miou_before']:.1f} -> "
+        step = "" if run_lr(run) == default_lr(cfg["shots"]) else f", lr {run_lr(run):g}"
+        rows.append(f"| {cfg['shots']} | {cfg['model']} ({cfg['seed']}){step} | {n} | {run['miou_before']:.1f} -> "
                     f"{run['miou']:.1f} | {_mean_se(with_mirror)} | {_mean_se(without)} | "
                     f"{_mean_se(with_mirror - without)} | {100 * (without < -5).mean():.0f}% / "
                     f"{100 * (with_mirror < -5).mean():.0f}% | {100 * same_gate:.0f}% | `{ref_name}` |")
@@ -1110,6 +1134,8 @@ if __name__ == "__main__":
     print("\n### The step from two shots on: lr 0.01 (the default since 2026-12-06) against lr 0.03 at 5 shots, "
           "all paired studies together\n")
     print(step_table(5))
+    print("\n### From two shots on: also training the depthwise filters' values, at lr 0.01, all paired studies\n")
+    print(variant_pair_table("svf:lr=0.01", "svf:grouped=always,lr=0.01", "1x1 values", "with depthwise"))
     print("\n### Adapted runs paired on their common episodes\n")
     print(paired_runs_table(args.min_episodes))
     print("\n### Adaptation variants on the same episodes\n")

@@ -85,7 +85,8 @@ class AdaptConfig:
             decomposed (``adapt_grouped="kernel"``), 1 shot: +1.18 IoU points against +0.56 without
             them (paired +0.62 +- 0.14 over 1,020 held-out episodes in five sets, 7 % against 6 %
             losing more than 5); 5 shots: +0.64 +- 0.30 more, but 16.5 % against 11.5 % of 685
-            episodes losing more than 5 (docs/adaptation.md).
+            episodes losing more than 5, at the 5-shot step then, 0.03; at today's, 0.01: +0.23
+            +- 0.31 more, 13 % against 7 % of 380 episodes losing more than 5 (docs/adaptation.md).
         grouped_lr_scale: the step of the decomposed grouped convs' values relative to ``lr`` (when
             they train). With the shipped default model, 3 at 1 shot changed nothing on average
             (paired +0.02 +- 0.17 over 600 held-out episodes, 10 % against 8 % losing more than 5);
