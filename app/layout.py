@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from svf_model.adapt import LEAVE_ONE_OUT_LR, ONE_SHOT_LR, AdaptConfig
+from svf_model.adapt import AdaptConfig, default_step_text
 from svf_model.imageio import MAX_SIDE
 
 from . import drawing
@@ -98,10 +98,8 @@ def build_demo(store: ModelStore, examples_root: Path = ASSETS) -> gr.Blocks:
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
                 steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Steps", elem_id="adapt-steps")
-                default_steps = (f"{ONE_SHOT_LR:g}" if ONE_SHOT_LR == LEAVE_ONE_OUT_LR
-                                 else f"{ONE_SHOT_LR:g} with 1 shot, {LEAVE_ONE_OUT_LR:g} with more")
                 lr = gr.Number(defaults.lr or 0, label="Learning rate (relative step on the singular values; "
-                               f"0: the default, {default_steps})",
+                               f"0: the default, {default_step_text()})",
                                minimum=0, maximum=1.0, step=0.001, elem_id="adapt-lr")
                 gate = gr.Checkbox(defaults.gate != "off", label="Keep the adaptation only if it improves the "
                                    "shots' cross-check (each shot segmented from the others)", elem_id="adapt-gate")

@@ -40,6 +40,14 @@ ONE_SHOT_LR = 0.01  # AdaptConfig.lr's default with one shot (adaptation against
 LEAVE_ONE_OUT_LR = 0.01  # and with two or more shots (leave-one-out episodes); 0.03 before 2026-12-06
 
 
+def default_step_text() -> str:
+    """The default step as a user reads it (labels, help texts): one number while both shot counts
+    share it, else both with the shots each is for."""
+    if ONE_SHOT_LR == LEAVE_ONE_OUT_LR:
+        return f"{ONE_SHOT_LR:g}"
+    return f"{ONE_SHOT_LR:g} with 1 shot, {LEAVE_ONE_OUT_LR:g} with more"
+
+
 GROUPED_TRAINING = ("one_shot", "always", "never")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .adapt import default_step_text
 from .imageio import InputError, load_image
 from .weights import CheckpointError
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="SVF adaptation steps on the supports before predicting (0: none)")
     p.add_argument("--adapt-lr", type=float, default=None,
-                   help="adaptation learning rate (default: 0.01 with any number of shots)")
+                   help=f"adaptation learning rate (default: {default_step_text()})")
     p.add_argument("--no-gate", action="store_true",
                    help="keep the adaptation even when it does not improve the shots' cross-check "
                         "(each shot segmented from the others); by default such an adaptation is undone")
